@@ -1,0 +1,3 @@
+"""
+chatterd's test suite.  Run it with ``./scripts/test`` (pytest driving trial test cases).
+"""
