@@ -29,5 +29,5 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "h2>=4.1"],
     },
-    entry_points={"console_scripts": ["chatterd-cert = chatterd.certs:main"]},
+    entry_points={"console_scripts": ["chatterd-cert = chatterd.tls:main"]},
 )

@@ -1,0 +1,374 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+chatterd's certificate and TLS listeners.
+
+The course's phones reach chatterd by IP address and trust a self-signed
+certificate that the user installs on the phone.  So the certificate must be a
+CA (phones install it as one), name every address the server may be reached by
+in its subjectAltName, and live no longer than 825 days (iOS refuses more).
+
+Run ``chatterd-cert --name 203.0.113.7 --force`` (or ``python -m chatterd.tls``)
+to make one for a public IP without starting the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fcntl
+import ipaddress
+import os
+import socket
+import struct
+import sys
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Union
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from twisted.internet import endpoints, interfaces, ssl
+
+CERT_FILE = "chatterd.crt"
+KEY_FILE = "chatterd.key"
+VALIDITY_DAYS = 825
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+
+
+class CertificateError(Exception):
+    """
+    The certificate directory holds something chatterd cannot use.
+    """
+
+
+# --- names and addresses -------------------------------------------------------
+
+
+def _interface_ipv4() -> list[IPAddress]:
+    """
+    The IPv4 address of every network interface (Linux ``SIOCGIFADDR``).
+    """
+    found: list[IPAddress] = []
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
+            except OSError:  # no IPv4 address on this interface
+                continue
+            found.append(ipaddress.IPv4Address(packed[20:24]))
+    return found
+
+
+def _interface_ipv6() -> list[IPAddress]:
+    """
+    The IPv6 addresses of every interface, from ``/proc/net/if_inet6``, except
+    link-local ones (they need a zone and phones cannot use them in a URL).
+    """
+    try:
+        text = Path("/proc/net/if_inet6").read_text()
+    except OSError:
+        return []
+    found: list[IPAddress] = []
+    for row in text.splitlines():
+        address = ipaddress.IPv6Address(int(row.split()[0], 16))
+        if not address.is_link_local:
+            found.append(address)
+    return found
+
+
+def host_addresses() -> list[IPAddress]:
+    """
+    Loopback, the addresses of every interface, and what the host name resolves to.
+    """
+    found: list[IPAddress] = [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")]
+    try:
+        found += _interface_ipv4() + _interface_ipv6()
+    except OSError:
+        pass
+    try:
+        for *_, sockaddr in socket.getaddrinfo(socket.gethostname(), None):
+            found.append(ipaddress.ip_address(str(sockaddr[0]).split("%")[0]))
+    except (OSError, ValueError):
+        pass
+    return list(dict.fromkeys(found))
+
+
+def host_names() -> list[str]:
+    """
+    ``localhost``, the host name and the fully qualified host name.
+    """
+    names = ["localhost", socket.gethostname(), socket.getfqdn()]
+    return [n for n in dict.fromkeys(names) if n and n.isascii() and "." != n[0]]
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+# --- making and loading certificates ------------------------------------------
+
+
+def make_certificate(
+    names: Iterable[str],
+    *,
+    now: datetime.datetime | None = None,
+    days: int = VALIDITY_DAYS,
+) -> tuple[bytes, bytes]:
+    """
+    Make a self-signed P-256 certificate for ``names`` (host names or IP addresses).
+
+    :returns: ``(certificate PEM, private key PEM)``.
+    """
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise ValueError("a certificate needs at least one name")
+    if not 1 <= days <= VALIDITY_DAYS:
+        raise ValueError(f"validity must be 1..{VALIDITY_DAYS} days (iOS refuses longer)")
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days) - datetime.timedelta(minutes=5))
+        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=False,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """
+    Write ``data`` to ``path`` atomically, created with ``mode`` from the start.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def default_names(extra: Sequence[str] = ()) -> list[str]:
+    """
+    What a generated certificate covers: ``extra`` first (the first one also
+    becomes the common name), then the host's names and addresses.
+    """
+    return list(dict.fromkeys([*extra, *host_names(), *map(str, host_addresses())]))
+
+
+def ensure_certificate(
+    certs: Path | str, names: Sequence[str] = (), *, force: bool = False
+) -> tuple[Path, Path, bool]:
+    """
+    Make ``chatterd.crt`` and ``chatterd.key`` in ``certs`` unless both exist.
+
+    :param names: extra names (``--cert-name``) besides the host's own.
+    :param force: replace an existing pair.
+    :returns: ``(certificate path, key path, whether they were made now)``.
+    :raises CertificateError: if only one of the two files exists.
+    """
+    certs = Path(certs)
+    cert_path, key_path = certs / CERT_FILE, certs / KEY_FILE
+    if not force:
+        have = cert_path.exists(), key_path.exists()
+        if all(have):
+            return cert_path, key_path, False
+        if any(have):
+            present, missing = (cert_path, key_path) if have[0] else (key_path, cert_path)
+            raise CertificateError(
+                f"{present} exists but {missing} does not: restore it, or make a new pair "
+                f"with: chatterd-cert --certs {certs} --force"
+            )
+    certs.mkdir(parents=True, exist_ok=True)
+    cert_pem, key_pem = make_certificate(default_names(names))
+    _write(key_path, key_pem, 0o600)
+    _write(cert_path, cert_pem, 0o644)
+    return cert_path, key_path, True
+
+
+def load_certificate(path: Path | str) -> x509.Certificate:
+    """
+    Read a PEM certificate.
+    """
+    return x509.load_pem_x509_certificate(Path(path).read_bytes())
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """
+    The SHA-256 fingerprint as phones and browsers show it: ``AB:CD:...``.
+    """
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def certificate_names(cert: x509.Certificate) -> list[str]:
+    """
+    The host names and addresses in the certificate's subjectAltName.
+    """
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(a) for a in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+# --- TLS listeners -------------------------------------------------------------
+
+
+def certificate_options(
+    cert_path: Path | str, key_path: Path | str, chain_path: Path | str | None = None
+) -> ssl.CertificateOptions:
+    """
+    TLS settings for the server: TLS 1.2 or newer, ALPN ``h2`` and ``http/1.1``.
+
+    Built from ``cryptography`` objects: Twisted's own ``ssl:`` parser hands
+    pyOpenSSL ``X509``/``PKey`` objects to pyOpenSSL, which prints a
+    deprecation warning on the first handshake.  (ALPN is offered by Twisted
+    itself, because ``Site`` provides ``IProtocolNegotiationFactory``.)
+    """
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    chain = []
+    if chain_path is not None:
+        chain = x509.load_pem_x509_certificates(Path(chain_path).read_bytes())
+    return ssl.CertificateOptions(
+        privateKey=key,  # type: ignore[arg-type]
+        certificate=load_certificate(cert_path),  # type: ignore[arg-type]
+        extraCertChain=chain or None,  # type: ignore[arg-type]
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def parse_description(description: str) -> tuple[list[str], dict[str, str]]:
+    """
+    Split a Twisted endpoint description into positional and keyword parts,
+    honouring ``\\:`` escapes, as ``serverFromString`` does.
+    """
+    parts, current, escaped = [], "", False
+    for ch in description:
+        if escaped:
+            current, escaped = current + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    args: list[str] = []
+    kwargs: dict[str, str] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if eq:
+            kwargs[key] = value
+        else:
+            args.append(part)
+    return args, kwargs
+
+
+_SSL_KEYS = ("port", "privateKey", "certKey")
+
+
+def server_endpoint(
+    reactor: object, description: str, cert_path: Path, key_path: Path
+) -> interfaces.IStreamServerEndpoint:
+    """
+    The listening endpoint for one ``--listen`` description.
+
+    ``ssl:`` descriptions are served with :func:`certificate_options`; one that
+    names no ``privateKey`` uses ``cert_path``/``key_path``.  Any other
+    description (``tcp:``, ``unix:``, ...) goes to ``serverFromString`` as is.
+    """
+    args, kwargs = parse_description(description)
+    if args[0] != "ssl":
+        return endpoints.serverFromString(reactor, description)
+    for name, value in zip(_SSL_KEYS, args[1:]):
+        kwargs.setdefault(name, value)
+    if len(args) > 1 + len(_SSL_KEYS):
+        raise ValueError(f"too many positional parts in {description!r}")
+    unknown = set(kwargs) - {*_SSL_KEYS, "extraCertChain", "interface", "backlog"}
+    if unknown or "port" not in kwargs:
+        raise ValueError(
+            f"bad listen description {description!r}: ssl takes a port and optionally "
+            "interface, backlog, privateKey, certKey and extraCertChain"
+            + (f" (not {', '.join(sorted(unknown))})" if unknown else "")
+        )
+    if "privateKey" in kwargs:
+        key_path = Path(kwargs["privateKey"])
+        cert_path = Path(kwargs.get("certKey", kwargs["privateKey"]))
+    options = certificate_options(cert_path, key_path, kwargs.get("extraCertChain"))
+    return endpoints.SSL4ServerEndpoint(
+        reactor,
+        int(kwargs["port"]),
+        options,
+        backlog=int(kwargs.get("backlog", 50)),
+        interface=kwargs.get("interface", ""),
+    )
+
+
+# --- command line --------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    ``chatterd-cert``: make (or remake) chatterd's certificate without starting it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="chatterd-cert",
+        description="Make chatterd's self-signed certificate (chatterd.crt, chatterd.key).",
+    )
+    parser.add_argument("--certs", default="certs", help="directory for the files (default: certs)")
+    parser.add_argument(
+        "--name", "--cert-name", action="append", default=[], dest="names",
+        help="a host name or IP address to cover, e.g. the server's public IP (repeatable)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing certificate")
+    options = parser.parse_args(argv)
+    try:
+        cert_path, _, made = ensure_certificate(options.certs, options.names, force=options.force)
+    except (CertificateError, OSError, ValueError) as e:
+        print(f"chatterd-cert: {e}", file=sys.stderr)
+        return 1
+    cert = load_certificate(cert_path)
+    verb = "made" if made else "kept existing (use --force to replace)"
+    print(f"{verb}: {cert_path}")
+    print(f"SHA-256 fingerprint: {fingerprint(cert)}")
+    print(f"valid until: {cert.not_valid_after_utc:%Y-%m-%d}; names: {', '.join(certificate_names(cert))}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
