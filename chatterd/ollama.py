@@ -1,0 +1,212 @@
+# -*- test-case-name: tests.test_ollama -*-
+"""
+The Ollama client: streaming POSTs over treq, and parsing of Ollama's lines.
+
+Closing the connection is the only way to make Ollama stop generating, so a
+body is read by :class:`BodyStream`, whose ``done`` Deferred closes the
+connection when cancelled (``treq.collect`` cannot be cancelled).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+#: The most of an error body chatterd reads from Ollama.
+MAX_ERROR_BODY = 64 * 1024
+
+
+class OllamaError(Exception):
+    """
+    Ollama failed; the message is meant for the app's user and developer.
+    """
+
+
+class OllamaUnreachable(OllamaError):
+    """
+    No answer from Ollama: refused, timed out, or closed before answering.
+    """
+
+
+class OllamaHTTPError(OllamaError):
+    """
+    Ollama answered with a status other than 200.
+    """
+
+    def __init__(self, status: int, body: bytes, content_type: bytes | None = None) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type or b"application/json; charset=utf-8"
+        self.text = error_text(body)
+        super().__init__(f"Ollama answered {status}: {self.text}")
+
+
+def describe_failure(failure: Failure | BaseException) -> str:
+    """
+    A short description of a connection failure, without a traceback.
+    """
+    e = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(e, (ResponseFailed, ResponseNeverReceived)) and e.reasons:
+        e = e.reasons[0].value
+    text = str(e).strip().rstrip(".")
+    return text or type(e).__name__
+
+
+class BodyStream(Protocol):
+    """
+    Hands a response body to ``on_data`` as it arrives.
+
+    ``done`` fires when the body ends; it fails if the connection breaks
+    first, or with the reason given to :meth:`abort`.  Cancelling ``done``
+    closes the connection at once.
+
+    :param on_data: called with each chunk; it must not raise (call
+        :meth:`abort` instead).
+    """
+
+    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+        self._on_data = on_data
+        self._stopped = False
+        self.done: Deferred[None] = Deferred(lambda _: self._stop())
+
+    def _stop(self) -> None:
+        self._stopped = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def abort(self, reason: BaseException) -> None:
+        """
+        Stop reading, close the connection, and fail ``done`` with ``reason``.
+        """
+        if not self.done.called:
+            self._stop()
+            self.done.errback(Failure(reason))
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._stopped:
+            self._on_data(data)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionClosed())) -> None:
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+class OllamaClient:
+    """
+    Talks to one Ollama server.
+
+    :param http: a treq ``HTTPClient`` (its agent's pool keeps connections
+        to Ollama open between requests).
+    :param url: Ollama's base URL, e.g. ``http://localhost:11434``.
+    """
+
+    def __init__(self, http: Any, url: str) -> None:
+        self._http = http
+        self.url = url.rstrip("/")
+
+    async def post(self, path: str, body: bytes) -> IResponse:
+        """
+        POST a JSON ``body`` to ``path`` and return the response as soon as its
+        headers arrive; read the body with :class:`BodyStream`.
+
+        :raises OllamaUnreachable: naming the URL, if no response comes.
+        """
+        url = self.url + path
+        try:
+            return await self._http.post(
+                url,
+                data=body,
+                headers={b"Content-Type": [b"application/json"]},
+                unbuffered=True,
+            )
+        except CancelledError:
+            raise
+        except (ConnectError, TimeoutError, ResponseNeverReceived, ResponseFailed) as e:
+            raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
+
+    async def read_error(self, response: IResponse) -> OllamaHTTPError:
+        """
+        Read a non-200 answer's body (at most 64 KiB) and make an error of it,
+        using Ollama's own ``{"error": ...}`` text when there is one.
+        """
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            chunks.append(data)
+            size += len(data)
+            if size >= MAX_ERROR_BODY:
+                reader.abort(_Enough())
+
+        reader = BodyStream(collect)
+        response.deliverBody(reader)
+        try:
+            await reader.done
+        except _Enough:
+            pass
+        except (ResponseFailed, ConnectionClosed):
+            pass  # a torn error body still says something
+        body = b"".join(chunks)[:MAX_ERROR_BODY]
+        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+        return OllamaHTTPError(response.code, body, content_type)
+
+
+class _Enough(Exception):
+    """
+    Enough of an error body was read.
+    """
+
+
+def error_text(body: bytes) -> str:
+    """
+    Ollama's error message from an error body: its ``error`` field, else the
+    body itself, trimmed.
+    """
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict) and isinstance(obj.get("error"), str):
+        return obj["error"]
+    text = body.decode("utf-8", "replace").strip()
+    return text[:500] or "(no error text)"
+
+
+def parse_chat_line(line: bytes) -> tuple[str, bool]:
+    """
+    Read one line of Ollama's ``/api/chat`` stream.
+
+    :returns: ``(message.content, done)``; content is ``""`` when absent.
+    :raises OllamaError: for an ``{"error": ...}`` line or a line that is not
+        a JSON object.
+    """
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        raise OllamaError(f"Ollama sent a line that is not JSON: {_preview(line)}") from None
+    if not isinstance(obj, dict):
+        raise OllamaError(f"Ollama sent a line that is not a JSON object: {_preview(line)}")
+    if "error" in obj:
+        raise OllamaError(f"Ollama: {obj['error']}")
+    message = obj.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return (content if isinstance(content, str) else ""), obj.get("done") is True
+
+
+def _preview(line: bytes, size: int = 80) -> str:
+    text = line[:size].decode("utf-8", "replace")
+    return text + ("..." if len(line) > size else "")
