@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The command line and the service tree: ``twistd chatterd`` and ``chatterd.tac``
+both go through :class:`Options` and :func:`makeService`.
+
+The tree, started top-down and stopped bottom-up::
+
+    MultiService
+    └── EmbeddedPostgresService      (only without --database)
+        ├── PostgresChattStore       (the connection pool)
+        ├── the HTTP client's pool   (persistent connections to Ollama)
+        └── one listener per --listen
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+from treq.client import HTTPClient
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from chatterd import tls
+from chatterd.ollama import OllamaClient
+from chatterd.store import PostgresChattStore
+from chatterd.web import ChatterApp, ChatterSite
+
+log = Logger()
+
+DEFAULT_LISTEN = "ssl:443"
+DEFAULT_OLLAMA = "http://localhost:11434"
+DEFAULT_MAX_BODY = 1024 * 1024
+
+
+def ollama_url(value: str) -> str:
+    """
+    Normalise an Ollama address as Ollama's own tools read ``OLLAMA_HOST``:
+    without a scheme it is ``http`` on port 11434 (with one, the scheme's
+    port), and a wildcard bind address means this host.
+    """
+    value = value.strip()
+    bare = "://" not in value
+    parts = urlsplit("http://" + value if bare else value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage.UsageError(f"--ollama: not an http(s) URL: {value!r}")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(parts.hostname, parts.hostname)
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port or (11434 if bare else None)
+    netloc = f"{host}:{port}" if port else host
+    return f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}"
+
+
+def _positive(kind: type, what: str) -> Any:
+    def parse(value: str) -> Any:
+        try:
+            number = kind(value)
+        except ValueError:
+            raise usage.UsageError(f"--{what}: not a number: {value!r}") from None
+        if number <= 0:
+            raise usage.UsageError(f"--{what}: must be positive, not {value}")
+        return number
+
+    return parse
+
+
+class Options(usage.Options):
+    """
+    ``twistd chatterd`` options.
+    """
+
+    synopsis = "[--listen DESC]... [options]"
+    longdesc = (
+        "chatterd serves the EECS Reactive llmChat apps: it stores chatts in "
+        "PostgreSQL and relays Ollama's streamed chat as Server-Sent Events."
+    )
+
+    optParameters = [
+        ["certs", None, "certs", "Directory of chatterd.crt and chatterd.key (made if missing)."],
+        ["ollama", None, None, "Ollama's URL [default: $OLLAMA_HOST or http://localhost:11434]."],
+        ["database", None, None, "libpq connection string [default: an embedded PostgreSQL]."],
+        ["data-dir", None, None,
+         "Embedded PostgreSQL's directory [default: /var/lib/chatterd as root, "
+         "else $XDG_DATA_HOME/chatterd]."],
+        ["heartbeat", None, 15.0, "Seconds of silence before an SSE ': ping'.",
+         _positive(float, "heartbeat")],
+        ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.",
+         _positive(int, "max-body")],
+        ["db-pool-size", None, 4, "Database connections.", _positive(int, "db-pool-size")],
+        ["db-wait", None, 10.0, "Seconds a request waits for a free database connection.",
+         _positive(float, "db-wait")],
+        ["connect-timeout", None, 10.0, "Seconds to wait for a connection to Ollama.",
+         _positive(float, "connect-timeout")],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["cert-name"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Where to listen, as a Twisted endpoint (repeatable) [default: ssl:443].
+        An ssl: endpoint that names no privateKey uses --certs.
+        """
+        self["listen"].append(description)
+
+    def opt_cert_name(self, name: str) -> None:
+        """
+        Another host name or IP address for a generated certificate (repeatable).
+        """
+        self["cert-name"].append(name)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            if not description.partition(":")[1]:
+                raise usage.UsageError(f"--listen: not an endpoint description: {description!r}")
+        self["ollama"] = ollama_url(self["ollama"] or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)
+
+
+def _needs_generated_certificate(description: str) -> bool:
+    args, kwargs = tls.parse_description(description)
+    return args[0] == "ssl" and len(args) < 3 and "privateKey" not in kwargs
+
+
+class _HTTPPoolService(Service):
+    """
+    Closes the persistent connections to Ollama at shutdown.
+    """
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+class _Announce(Service):
+    """
+    Logs what chatterd serves, once everything has started.
+    """
+
+    def __init__(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
+        self._lines = lines
+
+    def startService(self) -> None:
+        super().startService()
+        for fmt, fields in self._lines:
+            log.info(fmt, **fields)
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """
+    Build chatterd's service tree from parsed :class:`Options`.
+
+    This is the only place that reads configuration or touches the global
+    reactor; everything below gets its reactor, store and client passed in.
+    """
+    if reactor is None:
+        from twisted.internet import reactor
+    top = MultiService()
+    announce: list[tuple[str, dict[str, Any]]] = []
+
+    if options["database"]:
+        parent: MultiService = top
+        dsn: Any = options["database"]
+        announce.append(("database: the configured DSN", {}))
+    else:
+        from chatterd.pgembed import EmbeddedPostgres, EmbeddedPostgresService, default_base
+
+        base = default_base(options["data-dir"])
+        parent = EmbeddedPostgresService(EmbeddedPostgres(base))
+        parent.setServiceParent(top)
+        dsn = parent.get_dsn
+        announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
+
+    store = PostgresChattStore(
+        dsn, reactor=reactor, pool_size=options["db-pool-size"], acquire_timeout=options["db-wait"]
+    )
+    store.setServiceParent(parent)
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 64
+    _HTTPPoolService(pool).setServiceParent(parent)
+    http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
+    ollama = OllamaClient(http, options["ollama"])
+    announce.append(("Ollama: {url}", {"url": ollama.url}))
+
+    cert_path = Path(options["certs"]) / tls.CERT_FILE
+    key_path = Path(options["certs"]) / tls.KEY_FILE
+    if any(_needs_generated_certificate(d) for d in options["listen"]):
+        cert_path, key_path, made = tls.ensure_certificate(options["certs"], options["cert-name"])
+        cert = tls.load_certificate(cert_path)
+        announce.append((
+            "certificate {state}: {path} (SHA-256 {fingerprint}); valid until {until}; "
+            "names: {names}",
+            {
+                "state": "generated" if made else "in use",
+                "path": str(cert_path.resolve()),
+                "fingerprint": tls.fingerprint(cert),
+                "until": f"{cert.not_valid_after_utc:%Y-%m-%d}",
+                "names": ", ".join(tls.certificate_names(cert)),
+            },
+        ))
+
+    app = ChatterApp(store=store, ollama=ollama, clock=reactor, heartbeat=options["heartbeat"])
+    site = ChatterSite(app.resource(), clock=reactor, max_body=options["max-body"])
+    for description in options["listen"]:
+        try:
+            endpoint = tls.server_endpoint(reactor, description, cert_path, key_path)
+        except (ValueError, OSError) as e:
+            raise usage.UsageError(f"--listen {description}: {e}") from None
+        listener = StreamServerEndpointService(endpoint, site)
+        listener._raiseSynchronously = True  # a failed bind aborts twistd, as strports does
+        listener.setServiceParent(parent)
+        announce.append(("listening on {listen}", {"listen": description}))
+
+    _Announce(announce).setServiceParent(parent)
+    return top
+
+
+#: ``chatterd.tac``'s environment variables and the options they stand for.
+ENVIRONMENT = {
+    "CHATTERD_CERTS": "--certs",
+    "CHATTERD_OLLAMA": "--ollama",
+    "CHATTERD_DATABASE": "--database",
+    "CHATTERD_DATA_DIR": "--data-dir",
+    "CHATTERD_HEARTBEAT": "--heartbeat",
+    "CHATTERD_MAX_BODY": "--max-body",
+}
+
+
+def options_from_environment(environ: Any) -> list[str]:
+    """
+    The command line that ``chatterd.tac``'s environment stands for.
+
+    ``CHATTERD_LISTEN`` holds endpoint descriptions separated by spaces; unset
+    variables keep their defaults; ``CHATTERD_ARGS`` adds any other options.
+    """
+    argv: list[str] = []
+    for description in environ.get("CHATTERD_LISTEN", "").split():
+        argv += ["--listen", description]
+    for name, option in ENVIRONMENT.items():
+        if environ.get(name):
+            argv += [option, environ[name]]
+    return argv + shlex.split(environ.get("CHATTERD_ARGS", ""))

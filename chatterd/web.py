@@ -1,0 +1,351 @@
+# -*- test-case-name: tests.test_web -*-
+"""
+The HTTP layer: Klein routes, JSON errors, request bodies and the access log.
+
+Routes stay thin: validate (``chatterd.api``), call the store or the relay,
+serialise.  Errors before anything is written are JSON ``{"error": ...}``
+answers with a 4xx or 5xx status; errors inside ``/llmchat``'s stream are SSE
+error frames (see ``chatterd.relay``).  Paths work with and without a trailing
+slash, without redirects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
+
+from chatterd import api
+from chatterd.api import ClientError
+from chatterd.ollama import BodyStream, OllamaClient, OllamaUnreachable, describe_failure
+from chatterd.relay import ChatRelay
+from chatterd.store import IChattStore, StoreError
+
+log = Logger()
+
+BANNER = "EECS Reactive chatterd"
+#: Rows per ``/getchatts`` page: memory stays bounded whatever the table's size.
+PAGE_ROWS = 500
+
+
+# --- requests, bodies, access log ------------------------------------------------
+
+
+class BoundedBody(io.BytesIO):
+    """
+    A request body kept in memory up to ``limit`` bytes; past that it is
+    dropped and ``too_large`` is set, so a route can answer ``413``.
+    """
+
+    def __init__(self, limit: int, declared: int | None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.too_large = declared is not None and declared > limit
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if not self.too_large and self.tell() + len(data) > self.limit:
+            self.too_large = True
+            self.truncate(0)
+        if self.too_large:
+            return len(data)
+        return super().write(data)
+
+
+class ChatterRequest(server.Request):
+    """
+    A request that logs one access line when it ends, however it ends.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock: IReactorTime = self.channel.site.clock
+        self.started_at = self._clock.seconds()
+        self.notifyFinish().addBoth(self._log_access)
+
+    def _log_access(self, result: object) -> None:
+        duration = self._clock.seconds() - self.started_at
+        left = isinstance(result, Failure)
+        log.info(
+            "{method} {path} {status} {length}B {duration_ms:.1f}ms{left}",
+            method=self.method.decode("ascii", "replace"),
+            path=self.uri.decode("ascii", "replace"),
+            status=self.code,
+            length=self.sentLength,
+            duration_ms=duration * 1000,
+            left=" (client left)" if left else "",
+            client=str(self.getClientAddress()),
+        )
+
+
+class ChatterSite(server.Site):
+    """
+    A ``Site`` with chatterd's request class, a request-body limit, and no
+    Common Log Format lines (``ChatterRequest`` logs through ``twisted.logger``).
+    """
+
+    requestFactory = ChatterRequest
+
+    def __init__(self, resource: Any, *, clock: IReactorTime, max_body: int) -> None:
+        super().__init__(resource)
+        self.clock = clock
+        self.max_body = max_body
+
+    def getContentFile(self, length: int | None) -> BoundedBody:
+        return BoundedBody(self.max_body, length)
+
+    def log(self, request: server.Request) -> None:
+        pass
+
+
+def read_body(request: IRequest) -> bytes:
+    """
+    The request body.
+
+    :raises ClientError: 413 if it was larger than the limit.
+    """
+    content = request.content
+    if getattr(content, "too_large", False):
+        raise ClientError(413, f"the body is larger than {content.limit} bytes")
+    content.seek(0)
+    return content.read()
+
+
+def json_body(request: IRequest, value: Any, status: int = 200) -> bytes:
+    """
+    Set a JSON answer's status and content type; return its body.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value).encode("utf-8")
+
+
+def abort_response(request: IRequest) -> None:
+    """
+    Cut a response short so that the client sees it is incomplete: reset the
+    HTTP/2 stream, or abort the HTTP/1.1 connection (no last chunk is sent).
+    """
+    channel = request.channel  # type: ignore[attr-defined]
+    if channel is None:
+        return
+    if hasattr(channel, "abortConnection"):  # an HTTP/2 stream
+        channel.abortConnection()
+    else:
+        channel.transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class FlowControl:
+    """
+    Tracks whether a request's connection wants more data: register it as
+    the request's producer and ``await wait()`` before producing more.
+    """
+
+    def __init__(self, request: IRequest) -> None:
+        self._request = request
+        self._paused = False
+        self._waiting: list[Deferred[None]] = []
+        request.registerProducer(self, True)
+
+    def wait(self) -> Deferred[None]:
+        """
+        Fires when the connection can take more (at once if it can now).
+        """
+        if not self._paused:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiting.append(d)
+        return d
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.resumeProducing()  # the request is gone; its writes are now dropped
+
+    def unregister(self) -> None:
+        if getattr(self._request, "channel", None) is not None:
+            self._request.unregisterProducer()
+
+
+# --- the application -------------------------------------------------------------
+
+
+class ChatterApp:
+    """
+    chatterd's routes.
+
+    :param store: where chatts live.
+    :param ollama: the Ollama client.
+    :param clock: for heartbeats and timing.
+    :param heartbeat: seconds of silence after which an SSE stream gets ``: ping``.
+    """
+
+    app = Klein()
+
+    def __init__(
+        self,
+        *,
+        store: IChattStore,
+        ollama: OllamaClient,
+        clock: IReactorTime,
+        heartbeat: float = 15.0,
+    ) -> None:
+        self.store = store
+        self.ollama = ollama
+        self.clock = clock
+        self.heartbeat = heartbeat
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    # --- errors ---
+
+    @app.handle_errors(ClientError)
+    def _client_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        return json_body(request, {"error": e.message}, e.status)
+
+    @app.handle_errors(StoreError)
+    def _store_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        if e.status == 503:
+            request.setHeader(b"retry-after", b"5")
+        return json_body(request, {"error": str(e)}, e.status)
+
+    @app.handle_errors(HTTPException)
+    def _http_error(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        for name, value in e.get_headers():  # Allow: on a 405
+            if name.lower() == "allow":
+                request.setHeader(b"allow", value.encode())
+        return json_body(request, {"error": f"{e.name}: {request.method.decode()} {request.path.decode()}"}, e.code)
+
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure: Failure) -> bytes | None:
+        log.failure("unexpected error on {path}", failure, path=request.path)
+        if request.startedWriting:
+            return None
+        return json_body(request, {"error": "internal error (see chatterd's log)"}, 500)
+
+    # --- the Chatter APIs ---
+
+    @app.route("/", methods=["GET"])
+    def index(self, request: IRequest) -> bytes:
+        return json_body(request, BANNER)
+
+    @app.route("/postchatt", methods=["POST"], strict_slashes=False)
+    async def postchatt(self, request: IRequest) -> bytes:
+        username, message = api.parse_chatt(read_body(request))
+        await self.store.post_chatt(username, message)
+        return json_body(request, {})
+
+    @app.route("/getchatts", methods=["GET"], strict_slashes=False)
+    async def getchatts(self, request: IRequest) -> None:
+        """
+        Every chatt as ``[username, message, id, time]``, oldest first, streamed
+        page by page at the pace the client reads.
+        """
+        page = await self.store.chatts_page(0, PAGE_ROWS)  # failures here are JSON 5xx
+        request.setHeader(b"content-type", b"application/json")
+        flow = FlowControl(request)
+        try:
+            request.write(b"[")
+            first = True
+            while page:
+                rows = (
+                    json.dumps([c.username, c.message, c.id, c.time.isoformat()]) for c in page
+                )
+                text = ",".join(rows)
+                request.write((text if first else "," + text).encode("utf-8"))
+                first = False
+                if len(page) < PAGE_ROWS:
+                    break
+                await flow.wait()
+                page = await self.store.chatts_page(page[-1].seq, PAGE_ROWS)
+            request.write(b"]")
+        except StoreError as e:
+            # The array is half sent: cut the connection so that the client
+            # cannot mistake what it got for the whole table.
+            log.error("getchatts broke off: {e}", e=e)
+            abort_response(request)
+        finally:
+            flow.unregister()
+
+    # --- the LLM APIs ---
+
+    @app.route("/llmprep", methods=["POST"], strict_slashes=False)
+    async def llmprep(self, request: IRequest) -> bytes:
+        chat = api.parse_chat(read_body(request), need_model=False)
+        await self.store.replace_history(chat.appid, chat.messages)
+        return json_body(request, {})
+
+    @app.route("/llmchat", methods=["POST"], strict_slashes=False)
+    async def llmchat(self, request: IRequest) -> None:
+        """
+        Store the new messages, send the whole history to Ollama, and relay
+        its answer as SSE.  Errors before the stream are JSON; after, frames.
+        """
+        chat = api.parse_chat(read_body(request))
+        history = await self.store.append_and_load(chat.appid, chat.messages)
+        relay = ChatRelay(
+            request,
+            appid=chat.appid,
+            store=self.store,
+            ollama=self.ollama,
+            clock=self.clock,
+            heartbeat=self.heartbeat,
+        )
+        await relay.run(chat.ollama_body(history))
+
+    @app.route("/llmprompt", methods=["POST"], strict_slashes=False)
+    async def llmprompt(self, request: IRequest) -> bytes | None:
+        """
+        Ollama's ``/api/generate``, proxied: its NDJSON streamed back as it
+        comes, or its error status and body passed through.
+        """
+        body = api.parse_generate(read_body(request))
+        try:
+            response = await self.ollama.post("/api/generate", body)
+        except OllamaUnreachable as e:
+            return json_body(request, {"error": str(e)}, 502)
+        if response.code != 200:
+            error = await self.ollama.read_error(response)
+            request.setResponseCode(error.status)
+            request.setHeader(b"content-type", error.content_type)
+            return error.body
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        request.write(b"")
+        tail = [b"\n"]
+
+        def relay(data: bytes) -> None:
+            request.write(data)
+            tail[0] = data[-1:]
+
+        stream = BodyStream(relay)
+        response.deliverBody(stream)
+        try:
+            await stream.done
+        except CancelledError:
+            raise
+        except Exception as e:
+            # Ollama's own way to report a failure after the 200: a last
+            # {"error": ...} line.
+            line = json.dumps({"error": f"Ollama's stream broke off: {describe_failure(e)}"})
+            request.write((b"" if tail[0] == b"\n" else b"\n") + line.encode() + b"\n")
+        return None

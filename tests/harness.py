@@ -1,0 +1,138 @@
+"""
+A running chatterd for tests: the real store on a fresh database of the test
+cluster, the real Ollama client pointed at the emulator, the real site on a
+real TCP port of 127.0.0.1, and a treq client to call it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg2
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IResponse
+
+from chatterd.ollama import BodyStream, OllamaClient
+from chatterd.store import PostgresChattStore
+from chatterd.web import ChatterApp, ChatterSite
+from tests import pgcluster
+
+
+def query(dsn: str, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """
+    Run one statement on its own connection and return its rows (blocking).
+    """
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(sql, params)
+        rows = cur.fetchall() if cur.description else []
+    conn.close()
+    return rows
+
+
+class Stream:
+    """
+    A streaming response being read: ``chunks`` grows as bytes arrive,
+    ``done`` fires at its end, and :meth:`close` hangs up like a phone that
+    leaves.
+    """
+
+    def __init__(self, response: IResponse) -> None:
+        self.response = response
+        self.chunks: list[bytes] = []
+        self._waiters: list[tuple[bytes, Deferred[None]]] = []
+        self._reader = BodyStream(self._received)
+        self.done = self._reader.done
+        response.deliverBody(self._reader)
+
+    def _received(self, data: bytes) -> None:
+        self.chunks.append(data)
+        body = self.body
+        for waiter in list(self._waiters):
+            if waiter[0] in body:
+                self._waiters.remove(waiter)
+                waiter[1].callback(None)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.chunks)
+
+    def received(self, data: bytes) -> Deferred[None]:
+        """
+        Fires once ``data`` has arrived (at once if it has).
+        """
+        d: Deferred[None] = Deferred()
+        if data in self.body:
+            d.callback(None)
+        else:
+            self._waiters.append((data, d))
+        return d
+
+    def close(self) -> None:
+        """
+        Hang up: close the connection to chatterd.  (``done`` then fires with None.)
+        """
+        self.done.addErrback(lambda f: f.trap(CancelledError))
+        self.done.cancel()
+
+
+class Chatterd:
+    """
+    chatterd serving on ``url``, backed by database ``dsn``.
+    """
+
+    def __init__(self, case: Any, *, ollama: str, dsn: str | None = None, **app: Any) -> None:
+        self.case = case
+        self.dsn = dsn or pgcluster.fresh_database()
+        max_body = app.pop("max_body", 1024 * 1024)
+        self.store = PostgresChattStore(self.dsn, reactor=reactor, pool_size=app.pop("pool_size", 3))
+        upstream = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        self.app = ChatterApp(store=self.store, ollama=OllamaClient(upstream, ollama), clock=reactor, **app)
+        self.site = ChatterSite(self.app.resource(), clock=reactor, max_body=max_body)
+        self._pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self._pool))
+
+    async def start(self) -> Chatterd:
+        self.store.startService()
+        self.case.addCleanup(self.store.stopService)
+        await self.store.started
+        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
+        self.case.addCleanup(self.port.stopListening)
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        return self
+
+    # --- calling it ---
+
+    async def get(self, path: str) -> tuple[IResponse, bytes]:
+        response = await self.http.get(self.url + path)
+        return response, await treq.content(response)
+
+    async def post(self, path: str, body: Any, **kwargs: Any) -> tuple[IResponse, bytes]:
+        """
+        POST ``body`` (bytes as they are, anything else as JSON) and read the answer.
+        """
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = await self.http.post(self.url + path, data=data, **kwargs)
+        return response, await treq.content(response)
+
+    async def open(self, path: str, body: Any) -> Stream:
+        """
+        POST ``body`` and return as soon as the headers arrive; the body keeps
+        arriving into the stream's ``chunks``.
+        """
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = await self.http.post(self.url + path, data=data, unbuffered=True)
+        return Stream(response)
+
+    # --- looking at the table ---
+
+    def rows(self, appid: str | None = ...) -> list[tuple[Any, ...]]:  # type: ignore[assignment]
+        """
+        ``(username, message, appid)`` of every row (or one appID's), in insertion order.
+        """
+        if appid is ...:
+            return query(self.dsn, "SELECT username, message, appid FROM chatts ORDER BY seq")
+        return query(self.dsn, "SELECT username, message, appid FROM chatts WHERE appid = %s ORDER BY seq", (appid,))

@@ -1,0 +1,459 @@
+"""
+``/llmchat``, ``/llmprep`` and ``/llmprompt`` end to end: chatterd on a real
+port, its store on the test cluster, Ollama played by the emulator over TCP.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from tests.harness import Chatterd, Stream, query
+from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
+from tests.phone import AppWouldChoke, read_as_phone
+
+APP = "edu.umich.eecs.llmchat"
+
+
+def chat(content: str = "Hi", *, appid: str = APP, model: str = "llama3.2", **extra: Any) -> dict[str, Any]:
+    return {"appID": appid, "model": model, "messages": [{"role": "user", "content": content}], "stream": True, **extra}
+
+
+def data_lines(body: bytes) -> list[bytes]:
+    """
+    The data of every normal (unnamed) event, in order.
+    """
+    return [
+        frame[len(b"data: "):]
+        for frame in body.split(b"\n\n")
+        if frame.startswith(b"data: ")
+    ]
+
+
+class LLMTestCase(TestCase):
+    heartbeat = 15.0
+
+    def setUp(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def _setUp(self) -> None:
+        self.emulator: OllamaEmulator = await start_emulator(self)
+        self.server = await Chatterd(self, ollama=self.emulator.url, heartbeat=self.heartbeat).start()
+
+    async def stream(self, body: Any, path: str = "/llmchat") -> Stream:
+        """
+        Open a stream and read it to its end, checking it as the phone would.
+        """
+        s = await self.server.open(path, body)
+        await s.done
+        if path == "/llmchat" and s.response.code == 200:
+            read_as_phone(s.body)
+        return s
+
+    async def until(self, predicate: Any, what: str, timeout: float = 10.0) -> None:
+        """
+        Wait for ``predicate()`` to hold (polling; for effects in another process or table).
+        """
+        for _ in range(int(timeout / 0.02)):
+            if predicate():
+                return
+            await deferLater(reactor, 0.02)
+        self.fail(f"timed out waiting for {what}")
+
+
+class ChatStreamTests(LLMTestCase):
+    async def test_frames_are_ollamas_lines(self) -> None:
+        """
+        Each Ollama line becomes one ``data:`` frame, unchanged and in order,
+        with the SSE headers and no Connection header.
+        """
+        s = await self.stream(chat())
+        self.assertEqual(s.response.code, 200)
+        headers = s.response.headers
+        self.assertEqual(headers.getRawHeaders(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(headers.getRawHeaders(b"cache-control"), [b"no-cache, no-transform"])
+        self.assertEqual(headers.getRawHeaders(b"x-accel-buffering"), [b"no"])
+        self.assertFalse(headers.hasHeader(b"connection"))
+        lines = data_lines(s.body)
+        self.assertEqual(s.body, b"".join(b"data: " + line + b"\n\n" for line in lines))
+        # the very bytes Ollama would send a direct client, but for created_at
+        direct = await treq.post(self.emulator.url + "/api/chat", persistent=False,
+                                 json={"model": "llama3.2", "messages": [{"role": "user", "content": "Hi"}]})
+        expected = (await treq.content(direct)).splitlines()
+
+        def strip(line: bytes) -> dict[str, Any]:  # what varies from one answer to the next
+            return {k: v for k, v in json.loads(line).items() if k != "created_at" and not k.endswith("duration")}
+
+        self.assertEqual([strip(line) for line in lines], [strip(line) for line in expected])
+        self.assertEqual([json.loads(line)["message"]["content"] for line in lines], ["Hello", ",", " world", "!", ""])
+        self.assertIs(json.loads(lines[-1])["done"], True)
+
+    async def test_reply_is_stored(self) -> None:
+        """
+        The prompt and then the assembled reply are stored for the appID.
+        """
+        await self.stream(chat("Hi"))
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP), ("assistant", "Hello, world!", APP)])
+
+    async def test_history_goes_to_ollama(self) -> None:
+        """
+        A second request sends [user1, assistant1, user2] to Ollama, without
+        appID and without other appIDs' messages; other keys pass untouched.
+        """
+        await self.stream(chat("one"))
+        await self.stream(chat("elsewhere", appid="other.app"))
+        await self.stream(chat("two", options={"temperature": 0}, keep_alive="5m"))
+        sent = self.emulator.requests[-1].json
+        self.assertEqual(sent["messages"], [
+            {"role": "user", "content": "one"},
+            {"role": "assistant", "content": "Hello, world!"},
+            {"role": "user", "content": "two"},
+        ])
+        self.assertNotIn("appID", sent)
+        self.assertEqual((sent["options"], sent["keep_alive"], sent["stream"]), ({"temperature": 0}, "5m", True))
+
+    async def test_frames_arrive_as_they_are_generated(self) -> None:
+        """
+        The first frame reaches the phone before Ollama writes its second line.
+        """
+        self.emulator.models["slow"] = Behaviour(reply=["a", "b", "c"], delay=0.5)
+        s = await self.server.open("/llmchat", chat(model="slow"))
+        await s.received(b"\n\n")
+        self.assertEqual(self.emulator.requests[-1].lines_written, 1)
+        self.assertEqual(len(data_lines(s.body)), 1)
+        await s.done
+        self.assertEqual(len(data_lines(s.body)), 4)
+
+    async def test_split_and_coalesced_lines(self) -> None:
+        """
+        Lines split across reads, or several in one read, give the same frames.
+        """
+        self.emulator.models["split"] = Behaviour(reply=["é", "🐍", " ok"], split=True)
+        self.emulator.models["lump"] = Behaviour(reply=["é", "🐍", " ok"], coalesce=True)
+        for model in ("split", "lump"):
+            s = await self.stream(chat(model=model, appid=model))
+            self.assertEqual(read_as_phone(s.body).bubble, "é🐍 ok")
+            self.assertEqual(self.server.rows(model)[-1], ("assistant", "é🐍 ok", model))
+
+    async def test_stream_false(self) -> None:
+        """
+        ``stream: false`` gets Ollama's single object as one frame.
+        """
+        s = await self.stream(chat(stream=False))
+        [line] = data_lines(s.body)
+        self.assertEqual(json.loads(line)["message"]["content"], "Hello, world!")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Hello, world!", APP))
+
+    async def test_thinking_is_relayed_not_stored(self) -> None:
+        """
+        Thinking chunks are relayed; only message.content makes the stored reply.
+        """
+        self.emulator.models["thinker"] = Behaviour(thinking=["Hmm", "..."], reply=["Yes"])
+        s = await self.stream(chat(model="thinker"))
+        self.assertEqual(len(data_lines(s.body)), 4)
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Yes", APP))
+
+    async def test_prompt_kept_verbatim(self) -> None:
+        """
+        The user's prompt is stored and sent exactly as typed.
+        """
+        prompt = "  Two\n\nparagraphs, 'quoted'; DROP TABLE chatts;--  "
+        await self.stream(chat(prompt))
+        self.assertEqual(self.server.rows(APP)[0], ("user", prompt, APP))
+        self.assertEqual(self.emulator.requests[-1].json["messages"][0]["content"], prompt)
+
+
+class ChatFailureTests(LLMTestCase):
+    async def assertOneError(self, s: Stream, words: str) -> str:
+        """
+        The stream is a 200 that ends cleanly with exactly one error frame, last.
+        """
+        self.assertEqual(s.response.code, 200)
+        view = read_as_phone(s.body)
+        self.assertEqual(len(view.errors), 1, s.body)
+        self.assertTrue(s.body.endswith(b"\n\n"))
+        last = s.body.rsplit(b"event: error\n", 1)[1]
+        self.assertTrue(last.startswith(b"data: {\"error\": "))
+        message = json.loads(last[len(b"data: "):])["error"]
+        self.assertIn(words, message)
+        self.assertNotIn(b"Processing Failed", s.body)  # Twisted's HTML error page
+        return message
+
+    async def test_ollama_unreachable(self) -> None:
+        """
+        Ollama refusing connections: one error frame naming the URL; the
+        prompt stays stored, no reply row.
+        """
+        url = f"http://127.0.0.1:{closed_port()}"
+        self.server.app.ollama.url = url
+        s = await self.stream(chat())
+        message = await self.assertOneError(s, url)
+        self.assertIn("cannot reach Ollama", message)
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
+
+    async def test_model_not_found(self) -> None:
+        """
+        A non-200 answer: Ollama's own error text in the frame.
+        """
+        s = await self.stream(chat(model="nonesuch"))
+        await self.assertOneError(s, "model 'nonesuch' not found")
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
+
+    async def test_ollama_status_errors(self) -> None:
+        """
+        Ollama's 500 and 503 answers become error frames with their text.
+        """
+        self.emulator.models["busy"] = Behaviour(status=503, error="server busy, please try again.  maximum pending requests exceeded")
+        s = await self.stream(chat(model="busy"))
+        await self.assertOneError(s, "503: server busy")
+
+    async def test_error_line_mid_stream(self) -> None:
+        """
+        An ``{"error": ...}`` line is not relayed as data: it becomes the
+        error frame; what came before is relayed and stored.
+        """
+        self.emulator.models["fails"] = Behaviour(reply=["Par", "tial", "!"], error_after=2, error="CUDA error: out of memory")
+        s = await self.stream(chat(model="fails"))
+        await self.assertOneError(s, "CUDA error: out of memory")
+        self.assertEqual(len(data_lines(s.body)), 2)
+        self.assertEqual(read_as_phone(s.body).bubble.split("\n")[0], "Partial")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Partial", APP))
+
+    async def test_line_that_is_not_json(self) -> None:
+        """
+        A line that is not JSON ends the stream with an error frame.
+        """
+        self.emulator.models["garbage"] = Behaviour(not_json_after=1)
+        s = await self.stream(chat(model="garbage"))
+        await self.assertOneError(s, "not JSON")
+        self.assertEqual(len(data_lines(s.body)), 1)
+
+    async def test_truncated_stream(self) -> None:
+        """
+        Ollama closing before its done line never looks like a normal end.
+        """
+        self.emulator.models["cut"] = Behaviour(reply=["a", "b", "c"], truncate_after=2)
+        s = await self.stream(chat(model="cut"))
+        await self.assertOneError(s, "broke off")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "ab", APP))
+
+    async def test_reset_connection(self) -> None:
+        """
+        A reset connection ends with one error frame and the partial reply stored.
+        """
+        self.emulator.models["rst"] = Behaviour(reply=["a", "b", "c"], reset_after=1)
+        s = await self.stream(chat(model="rst"))
+        await self.assertOneError(s, "broke off")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "a", APP))
+
+    async def test_dropped_before_answering(self) -> None:
+        """
+        Ollama closing the connection without an answer is an error frame.
+        """
+        self.emulator.models["drop"] = Behaviour(drop_before_response=True)
+        s = await self.stream(chat(model="drop"))
+        await self.assertOneError(s, "cannot reach Ollama")
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
+
+    async def test_reply_insert_fails(self) -> None:
+        """
+        The course's own check: when storing the reply fails, the phone gets
+        an error frame after the relayed frames.
+        """
+        query(self.server.dsn, """
+            CREATE FUNCTION no_replies() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN IF NEW.username = 'assistant' THEN RAISE EXCEPTION 'replies are refused'; END IF;
+                  RETURN NEW; END $$;
+            CREATE TRIGGER no_replies BEFORE INSERT ON chatts FOR EACH ROW EXECUTE FUNCTION no_replies();
+        """)
+        s = await self.stream(chat())
+        await self.assertOneError(s, "could not be stored")
+        self.assertEqual(len(data_lines(s.body)), 5)
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
+        self.flushLoggedErrors()
+
+
+class HeartbeatTests(LLMTestCase):
+    heartbeat = 0.1
+
+    async def test_ping_during_a_stall(self) -> None:
+        """
+        While Ollama is silent, ``: ping`` comments keep the stream alive;
+        they do not disturb the frames.
+        """
+        self.emulator.models["stall"] = Behaviour(reply=["a", "b"], stall_after=1)
+        s = await self.server.open("/llmchat", chat(model="stall"))
+        await self.emulator.when_stalled()
+        await s.received(b": ping\n\n: ping\n\n")
+        self.emulator.release()
+        await s.done
+        view = read_as_phone(s.body)
+        self.assertGreaterEqual(view.comments, 2)
+        self.assertEqual((view.bubble, view.errors), ("ab", []))
+
+    async def test_ping_while_the_model_loads(self) -> None:
+        """
+        Heartbeats flow before Ollama's first byte too (model loading).
+        """
+        self.emulator.models["loading"] = Behaviour(first_byte_delay=0.5)
+        s = await self.stream(chat(model="loading"))
+        self.assertTrue(s.body.startswith(b": ping\n\n"))
+        self.assertEqual(read_as_phone(s.body).bubble, "Hello, world!")
+
+
+class DisconnectTests(LLMTestCase):
+    async def test_client_leaving_closes_upstream_and_keeps_partial(self) -> None:
+        """
+        When the phone hangs up, chatterd closes its Ollama connection at once
+        and stores the part of the reply the user saw.
+        """
+        self.emulator.models["stall"] = Behaviour(reply=["Half", " a", " reply"], stall_after=2)
+        s = await self.server.open("/llmchat", chat(model="stall"))
+        record = await self.emulator.when_stalled()
+        await s.received(b'" a"')
+        s.close()
+        self.assertEqual(await record.ended(), "client_left")
+        await self.emulator.wait_for_idle()
+        await self.until(lambda: len(self.server.rows(APP)) == 2, "the partial reply")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Half a", APP))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_client_leaving_while_ollama_loads(self) -> None:
+        """
+        A hang-up before Ollama's first byte closes the upstream connection too.
+        """
+        self.emulator.models["never"] = Behaviour(never_answer=True)
+        s = await self.server.open("/llmchat", chat(model="never"))
+        record = await self.emulator.next_request() if not self.emulator.requests else self.emulator.requests[-1]
+        s.close()
+        self.assertEqual(await record.ended(), "client_left")
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
+
+
+class ValidationTests(LLMTestCase):
+    async def test_bad_requests_store_nothing(self) -> None:
+        """
+        Every malformed /llmchat or /llmprep body is a 422 JSON error, nothing
+        is stored and nothing reaches Ollama.
+        """
+        bad: list[Any] = [
+            b"not json", [], {"model": "m", "messages": []},
+            {"appID": None, "model": "m", "messages": []}, {"appID": "", "model": "m", "messages": []},
+            {"appID": 1, "model": "m", "messages": []}, {"appID": "a" * 156, "model": "m", "messages": []},
+            {"appID": "a", "messages": []}, {"appID": "a", "model": 3, "messages": []},
+            {"appID": "a", "model": "m"}, {"appID": "a", "model": "m", "messages": "hi"},
+            {"appID": "a", "model": "m", "messages": [{"role": "user"}]},
+            {"appID": "a", "model": "m", "messages": [{"role": "user", "content": "\u0000"}]},
+        ]
+        for path in ("/llmchat", "/llmprep"):
+            for body in bad:
+                response, raw = await self.server.post(path, body)
+                self.assertEqual(response.code, 422, (path, body, raw))
+                self.assertIsInstance(json.loads(raw)["error"], str)
+        self.assertEqual(self.server.rows(), [])
+        self.assertEqual(self.emulator.requests, [])
+
+    async def test_body_too_large(self) -> None:
+        """
+        A body over --max-body is a 413 for every LLM route.
+        """
+        self.server.site.max_body = 100
+        for path in ("/llmchat", "/llmprep", "/llmprompt"):
+            response, raw = await self.server.post(path, chat("x" * 200))
+            self.assertEqual(response.code, 413, path)
+        self.assertEqual(self.server.rows(), [])
+        self.assertEqual(self.emulator.requests, [])
+
+
+class LLMPrepTests(LLMTestCase):
+    async def test_prep_resets_the_history(self) -> None:
+        """
+        /llmprep replaces the appID's history with the system prompt; the next
+        chat starts from it.
+        """
+        await self.stream(chat("old"))
+        response, body = await self.server.post("/llmprep", {
+            "appID": APP, "model": "llama3.2", "stream": False,
+            "messages": [{"role": "system", "content": "Answer in French."}],
+        })
+        self.assertEqual((response.code, json.loads(body)), (200, {}))
+        self.assertEqual(self.server.rows(APP), [("system", "Answer in French.", APP)])
+        await self.stream(chat("new"))
+        self.assertEqual(self.emulator.requests[-1].json["messages"], [
+            {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "new"},
+        ])
+
+
+class LLMPromptTests(LLMTestCase):
+    async def test_passthrough(self) -> None:
+        """
+        /llmprompt streams Ollama's /api/generate NDJSON back unchanged.
+        """
+        body = {"model": "llama3.2", "prompt": "Hi", "stream": True}
+        s = await self.stream(body, "/llmprompt")
+        self.assertEqual(s.response.code, 200)
+        self.assertEqual(s.response.headers.getRawHeaders(b"content-type"), [b"application/x-ndjson"])
+        lines = [json.loads(line) for line in s.body.splitlines()]
+        self.assertEqual("".join(line["response"] for line in lines), "Hello, world!")
+        self.assertIs(lines[-1]["done"], True)
+        self.assertEqual(self.emulator.requests[-1].path, "/api/generate")
+        self.assertEqual(self.emulator.requests[-1].json, body)
+        self.assertEqual(self.server.rows(), [])
+
+    async def test_error_passthrough(self) -> None:
+        """
+        Ollama's error status and body pass through unchanged.
+        """
+        s = await self.stream({"model": "nonesuch", "prompt": "Hi"}, "/llmprompt")
+        self.assertEqual(s.response.code, 404)
+        self.assertEqual(json.loads(s.body), {"error": "model 'nonesuch' not found"})
+
+    async def test_unreachable(self) -> None:
+        """
+        No Ollama: a 502 JSON error naming it.
+        """
+        self.server.app.ollama.url = f"http://127.0.0.1:{closed_port()}"
+        s = await self.stream({"model": "llama3.2", "prompt": "Hi"}, "/llmprompt")
+        self.assertEqual(s.response.code, 502)
+        self.assertIn("cannot reach Ollama", json.loads(s.body)["error"])
+
+    async def test_broken_stream_ends_with_an_error_line(self) -> None:
+        """
+        A stream that breaks off ends with an ``{"error": ...}`` line, as Ollama's own do.
+        """
+        self.emulator.models["cut"] = Behaviour(reply=["a", "b", "c"], truncate_after=2)
+        s = await self.stream({"model": "cut", "prompt": "Hi"}, "/llmprompt")
+        lines = [json.loads(line) for line in s.body.splitlines()]
+        self.assertEqual(len(lines), 3)
+        self.assertIn("broke off", lines[-1]["error"])
+
+    async def test_client_leaving_closes_upstream(self) -> None:
+        """
+        A hang-up closes the connection to Ollama.
+        """
+        self.emulator.models["stall"] = Behaviour(stall_after=1)
+        s = await self.server.open("/llmprompt", {"model": "stall", "prompt": "Hi"})
+        record = await self.emulator.when_stalled()
+        s.close()
+        self.assertEqual(await record.ended(), "client_left")
+
+
+class PhoneParserTests(TestCase):
+    def test_the_parser_catches_what_crashes_the_app(self) -> None:
+        """
+        The phone-rules reader fails on bare lines, lone CRs, [DONE] and
+        unfinished streams, and accepts comments and error events.
+        """
+        for bad in (b"hello\n\n", b"data: x\r\n\n", b"data: [DONE]\n\n", b'data: {"model":"m","message":{"role":"a","content":"x"}}\n',
+                    b"event: tool\ndata: {}\n\n"):
+            self.assertRaises(AppWouldChoke, read_as_phone, bad)
+        view = read_as_phone(b': ping\n\ndata: {"model":"m","message":{"role":"assistant","content":"Hi"}}\n\n'
+                             b'event: error\ndata: {"error": "boom"}\n\n')
+        self.assertEqual(view.bubble, 'Hi\n\n**llmChat Error**: {"error": "boom"}\n\n')
+        self.assertEqual((view.errors, view.comments), (['{"error": "boom"}'], 1))

@@ -1,0 +1,155 @@
+"""
+The command line (``Options``), the .tac's environment, and the service tree
+``makeService`` builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from chatterd import tap, tls
+
+
+def parse(*argv: str, environ: dict[str, str] | None = None) -> tap.Options:
+    options = tap.Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+class OptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.patch(tap.os, "environ", {})
+
+    def test_defaults(self) -> None:
+        """
+        With no options: ssl:443, certs/, Ollama on localhost:11434, the
+        embedded database, 15 s heartbeats, 1 MiB bodies.
+        """
+        o = parse()
+        self.assertEqual(o["listen"], ["ssl:443"])
+        self.assertEqual(o["certs"], "certs")
+        self.assertEqual(o["ollama"], "http://localhost:11434")
+        self.assertIsNone(o["database"])
+        self.assertIsNone(o["data-dir"])
+        self.assertEqual(o["heartbeat"], 15.0)
+        self.assertEqual(o["max-body"], 1024 * 1024)
+        self.assertEqual(o["cert-name"], [])
+
+    def test_everything(self) -> None:
+        """
+        Every option as the contract spells it.
+        """
+        o = parse(
+            "--listen", "ssl:8443:interface=127.0.0.1", "--listen", "tcp:8080",
+            "--certs", "/etc/chatterd", "--ollama", "http://gpu:11434", "--database", "dbname=x",
+            "--data-dir", "/srv/chatterd", "--heartbeat", "2.5", "--max-body", "4096",
+            "--cert-name", "203.0.113.7", "--cert-name", "chat.example",
+        )
+        self.assertEqual(o["listen"], ["ssl:8443:interface=127.0.0.1", "tcp:8080"])
+        self.assertEqual(o["certs"], "/etc/chatterd")
+        self.assertEqual(o["ollama"], "http://gpu:11434")
+        self.assertEqual(o["database"], "dbname=x")
+        self.assertEqual(o["data-dir"], "/srv/chatterd")
+        self.assertEqual(o["heartbeat"], 2.5)
+        self.assertEqual(o["max-body"], 4096)
+        self.assertEqual(o["cert-name"], ["203.0.113.7", "chat.example"])
+
+    def test_ollama_host_environment(self) -> None:
+        """
+        ``$OLLAMA_HOST`` is the default Ollama, read as Ollama's tools read it.
+        """
+        self.patch(tap.os, "environ", {"OLLAMA_HOST": "0.0.0.0"})
+        self.assertEqual(parse()["ollama"], "http://127.0.0.1:11434")
+        self.assertEqual(parse("--ollama", "http://x:1")["ollama"], "http://x:1")
+
+    def test_ollama_urls(self) -> None:
+        """
+        Scheme and port default as in Ollama; IPv6 and paths survive.
+        """
+        self.assertEqual(tap.ollama_url("http://gpu"), "http://gpu")
+        self.assertEqual(tap.ollama_url("gpu"), "http://gpu:11434")
+        self.assertEqual(tap.ollama_url("gpu:8000"), "http://gpu:8000")
+        self.assertEqual(tap.ollama_url("https://gpu/"), "https://gpu")
+        self.assertEqual(tap.ollama_url("http://[::1]:5000"), "http://[::1]:5000")
+        self.assertEqual(tap.ollama_url("[::]"), "http://[::1]:11434")
+        self.assertRaises(usage.UsageError, tap.ollama_url, "ftp://x")
+
+    def test_bad_numbers(self) -> None:
+        """
+        Non-numbers and non-positive numbers are usage errors.
+        """
+        for argv in (["--heartbeat", "x"], ["--heartbeat", "0"], ["--max-body", "-1"], ["--max-body", "1.5"]):
+            self.assertRaises(usage.UsageError, parse, *argv)
+
+    def test_bad_listen(self) -> None:
+        """
+        A --listen that is not an endpoint description is a usage error.
+        """
+        self.assertRaises(usage.UsageError, parse, "--listen", "8443")
+
+
+class EnvironmentTests(SynchronousTestCase):
+    def test_tac_environment(self) -> None:
+        """
+        chatterd.tac's variables stand for the same options.
+        """
+        argv = tap.options_from_environment({
+            "CHATTERD_LISTEN": "ssl:8443 tcp:8080",
+            "CHATTERD_CERTS": "/c",
+            "CHATTERD_OLLAMA": "http://o:1",
+            "CHATTERD_DATABASE": "dbname=x user=y",
+            "CHATTERD_DATA_DIR": "/d",
+            "CHATTERD_HEARTBEAT": "3",
+            "CHATTERD_ARGS": "--cert-name 1.2.3.4",
+        })
+        o = parse(*argv)
+        self.assertEqual(o["listen"], ["ssl:8443", "tcp:8080"])
+        self.assertEqual((o["certs"], o["ollama"], o["database"], o["data-dir"], o["heartbeat"]),
+                         ("/c", "http://o:1", "dbname=x user=y", "/d", 3.0))
+        self.assertEqual(o["cert-name"], ["1.2.3.4"])
+
+    def test_empty_environment(self) -> None:
+        """
+        No variables, no options: the defaults.
+        """
+        self.assertEqual(tap.options_from_environment({}), [])
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_tree_with_a_dsn(self) -> None:
+        """
+        With --database: the store and one TLS listener per --listen, the
+        certificate generated in --certs.
+        """
+        certs = Path(self.mktemp())
+        reactor = MemoryReactorClock()
+        o = parse("--database", "host=/nonexistent dbname=x", "--certs", str(certs),
+                  "--listen", "ssl:8443:interface=127.0.0.1", "--listen", "tcp:8080:interface=127.0.0.1")
+        service = tap.makeService(o, reactor=reactor)
+        self.assertTrue((certs / tls.CERT_FILE).exists())
+        service.privilegedStartService()
+        self.assertEqual([(p[0], p[4]) for p in reactor.sslServers], [(8443, "127.0.0.1")])
+        self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8080, "127.0.0.1")])
+        names = [s.name for s in service]
+        self.assertIn("store", names)
+        self.flushLoggedErrors()
+
+    def test_tcp_only_needs_no_certificate(self) -> None:
+        """
+        A server behind a TLS terminator (tcp: only) makes no certificate.
+        """
+        certs = Path(self.mktemp())
+        tap.makeService(parse("--database", "dbname=x", "--certs", str(certs), "--listen", "tcp:8080"),
+                        reactor=MemoryReactorClock())
+        self.assertFalse(certs.exists())
+
+    def test_bad_listen_description(self) -> None:
+        """
+        An ssl: description with unknown options is a usage error at start.
+        """
+        o = parse("--database", "dbname=x", "--certs", self.mktemp(), "--listen", "ssl:443:bogus=1")
+        self.assertRaises(usage.UsageError, tap.makeService, o, MemoryReactorClock())
