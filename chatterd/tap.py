@@ -25,7 +25,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 from treq.client import HTTPClient
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import tls
 from chatterd.ollama import OllamaClient
@@ -131,6 +131,14 @@ def _needs_generated_certificate(description: str) -> bool:
     return args[0] == "ssl" and len(args) < 3 and "privateKey" not in kwargs
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The HTTP client's connection factory, without a log line per connection.
+    """
+
+    noisy = False
+
+
 class _HTTPPoolService(Service):
     """
     Closes the persistent connections to Ollama at shutdown.
@@ -190,6 +198,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 64
+    pool._factory = _QuietClientFactory
     _HTTPPoolService(pool).setServiceParent(parent)
     http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
     ollama = OllamaClient(http, options["ollama"])

@@ -94,6 +94,7 @@ class ChatterSite(server.Site):
     """
 
     requestFactory = ChatterRequest
+    noisy = False  # no "Starting factory" lines
 
     def __init__(self, resource: Any, *, clock: IReactorTime, max_body: int) -> None:
         super().__init__(resource)
