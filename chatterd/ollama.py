@@ -135,6 +135,8 @@ class OllamaClient:
         except CancelledError:
             raise
         except (ConnectError, TimeoutError, ResponseNeverReceived, ResponseFailed) as e:
+            if any(r.check(CancelledError) for r in getattr(e, "reasons", ())):
+                raise CancelledError() from None  # we gave up on it: not Ollama's fault
             raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
 
     async def read_error(self, response: IResponse) -> OllamaHTTPError:

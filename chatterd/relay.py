@@ -1,24 +1,35 @@
 # -*- test-case-name: tests.test_llmchat -*-
 """
-One ``/llmchat`` stream: Ollama's NDJSON in, SSE frames out, the reply stored.
+Relaying Ollama's streams: ``/llmchat`` (NDJSON in, SSE frames out, the reply
+stored) and ``/llmprompt`` (NDJSON passed through).
 
 Once the ``200`` is written no exception may reach Twisted (it would append an
-HTML error page to the stream), so every failure becomes one SSE error frame
-and the response then ends cleanly.  A stream ends in one of three ways:
+HTML error page to the stream), so every failure becomes one error frame and
+the response then ends cleanly.  A stream ends in one of three ways:
 
-- ``done``: Ollama's ``"done": true`` line was relayed and the reply stored;
+- ``done``: Ollama's ``"done": true`` line was relayed (and the reply stored);
 - ``error``: an error frame was written (the partial reply, if any, is stored);
 - ``client left``: the phone went away; the upstream connection is closed at
   once and the partial reply stored.
+
+Upstream is watched the whole time: no first byte within
+``first_byte_timeout`` (model loading included), or silence longer than
+``stall_timeout`` mid-stream, ends the stream with an error.  The phone's
+connection is the producer's consumer: a phone that reads slowly pauses the
+reading from Ollama, so nothing piles up in chatterd.
 """
 
 from __future__ import annotations
 
-from twisted.internet.defer import CancelledError
+import json
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
+from twisted.web.iweb import IRequest, IResponse
 
 from chatterd import sse
 from chatterd.ollama import (
@@ -29,8 +40,10 @@ from chatterd.ollama import (
     parse_chat_line,
 )
 from chatterd.store import IChattStore, StoreError
+from chatterd.streams import ShuttingDown
 
 log = Logger()
+T = TypeVar("T")
 
 #: SSE response headers (and no ``Connection`` header: HTTP/2 forbids it).
 SSE_HEADERS = {
@@ -40,17 +53,144 @@ SSE_HEADERS = {
 }
 
 
+@dataclass(frozen=True)
+class RelayConfig:
+    """
+    Timing of relayed streams, in seconds.
+
+    :ivar heartbeat: silence towards the phone after which ``: ping`` is written.
+    :ivar first_byte_timeout: the longest wait for Ollama's first byte.
+    :ivar stall_timeout: the longest silence from Ollama once it has started.
+    """
+
+    heartbeat: float = 15.0
+    first_byte_timeout: float = 300.0
+    stall_timeout: float = 120.0
+
+
 class Truncated(OllamaError):
     """
     Ollama's stream ended without its ``done`` line.
     """
 
 
-class ChatRelay:
+class OllamaTimeout(OllamaError):
     """
-    Relays one Ollama chat stream to one request.
+    Ollama was silent for too long.
+    """
 
-    :param heartbeat: seconds of silence after which ``: ping`` is written.
+
+class _Relay:
+    """
+    What both relays share: waiting on upstream in a way that can be aborted,
+    the upstream watchdog, flow control, and noticing a client that left.
+    """
+
+    outcome = "running"
+
+    def __init__(self, request: IRequest, *, ollama: OllamaClient, clock: IReactorTime, config: RelayConfig) -> None:
+        self._request = request
+        self._ollama = ollama
+        self._clock = clock
+        self._config = config
+        self._current: Deferred[Any] | None = None
+        self._abort_reason: BaseException | None = None
+        self._body: BodyStream | None = None
+        self._watchdog: IDelayedCall | None = None
+        self._heard_from = 0.0
+        self._started = False
+        self.client_left = False
+        self.frames = 0
+        self.first_byte_at: float | None = None
+        request.notifyFinish().addErrback(self._left)
+
+    def _left(self, _: Failure) -> None:
+        self.client_left = True
+
+    # --- aborting ---
+
+    async def _wait(self, d: Deferred[T]) -> T:
+        """
+        Await ``d`` such that :meth:`abort` can interrupt it.
+        """
+        self._current = d
+        try:
+            return await d
+        finally:
+            self._current = None
+
+    def abort(self, reason: BaseException) -> None:
+        """
+        End the stream early: close the upstream connection and report
+        ``reason`` to the client as the stream's error.
+        """
+        if self._abort_reason is None:
+            self._abort_reason = reason
+        if self._current is not None:
+            self._current.cancel()
+
+    def _check_abort(self) -> None:
+        """
+        After a ``CancelledError``: re-raise it if the client left, else turn
+        it into the reason the stream was aborted for.
+        """
+        if self._abort_reason is None or self.client_left:
+            raise CancelledError()
+        raise self._abort_reason
+
+    # --- upstream ---
+
+    async def _open(self, path: str, body: bytes) -> IResponse:
+        """
+        POST to Ollama with the watchdog running.
+        """
+        self._heard_from = self._clock.seconds()
+        self._watchdog = self._clock.callLater(self._config.first_byte_timeout, self._watch)
+        return await self._wait(ensureDeferred(self._ollama.post(path, body)))
+
+    def _heard(self) -> None:
+        self._heard_from = self._clock.seconds()
+        if self.first_byte_at is None:
+            self.first_byte_at = self._heard_from
+            self._started = True
+
+    def _watch(self) -> None:
+        """
+        Abort when Ollama was silent too long; else look again when it next could be.
+        """
+        limit = self._config.stall_timeout if self._started else self._config.first_byte_timeout
+        silent = self._clock.seconds() - self._heard_from
+        if silent >= limit:
+            self._watchdog = None
+            what = "stopped sending" if self._started else "did not answer"
+            self.abort(OllamaTimeout(f"Ollama {what} for {limit:g} s (the stream was ended)"))
+        else:
+            self._watchdog = self._clock.callLater(limit - silent, self._watch)
+
+    async def _read(self, response: IResponse, on_data: Any) -> None:
+        """
+        Read the body into ``on_data`` at the client's pace, until it ends.
+        """
+        self._body = BodyStream(on_data)
+        response.deliverBody(self._body)
+        flow = self._request.channel is not None  # type: ignore[attr-defined]
+        if flow:
+            self._request.registerProducer(self._body.transport, True)
+        try:
+            await self._wait(self._body.done)
+        finally:
+            if flow and self._request.channel is not None:  # type: ignore[attr-defined]
+                self._request.unregisterProducer()
+
+    def _stop_watching(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+
+
+class ChatRelay(_Relay):
+    """
+    Relays one Ollama chat stream to one request as SSE, and stores the reply.
     """
 
     def __init__(
@@ -61,22 +201,16 @@ class ChatRelay:
         store: IChattStore,
         ollama: OllamaClient,
         clock: IReactorTime,
-        heartbeat: float,
+        config: RelayConfig,
     ) -> None:
-        self._request = request
+        super().__init__(request, ollama=ollama, clock=clock, config=config)
         self._appid = appid
         self._store = store
-        self._ollama = ollama
-        self._clock = clock
-        self._heartbeat = heartbeat
         self._splitter = sse.LineSplitter()
         self._reply: list[str] = []
-        self._body: BodyStream | None = None
-        self._timer: IDelayedCall | None = None
+        self._heartbeat: IDelayedCall | None = None
         self._last_write = 0.0
         self.done = False
-        self.frames = 0
-        self.outcome = "running"
 
     # --- writing ---
 
@@ -91,10 +225,10 @@ class ChatRelay:
         only note the time; no timer is touched per frame.)
         """
         idle = self._clock.seconds() - self._last_write
-        if idle >= self._heartbeat:
+        if idle >= self._config.heartbeat:
             self._write(sse.HEARTBEAT)
             idle = 0.0
-        self._timer = self._clock.callLater(self._heartbeat - idle, self._beat)
+        self._heartbeat = self._clock.callLater(self._config.heartbeat - idle, self._beat)
 
     # --- reading Ollama's lines ---
 
@@ -108,6 +242,7 @@ class ChatRelay:
         self.done = done
 
     def _on_data(self, data: bytes) -> None:
+        self._heard()
         try:
             for line in self._splitter.feed(data):
                 self._on_line(line)
@@ -116,13 +251,11 @@ class ChatRelay:
             self._body.abort(e)
 
     async def _relay(self, body: bytes) -> None:
-        response = await self._ollama.post("/api/chat", body)
+        response = await self._open("/api/chat", body)
         if response.code != 200:
-            raise await self._ollama.read_error(response)
-        self._body = BodyStream(self._on_data)
-        response.deliverBody(self._body)
+            raise await self._wait(ensureDeferred(self._ollama.read_error(response)))
         try:
-            await self._body.done
+            await self._read(response, self._on_data)
         except (CancelledError, OllamaError, ValueError):
             raise
         except Exception as e:  # the connection broke: ResponseFailed and kin
@@ -148,20 +281,25 @@ class ChatRelay:
         for name, value in SSE_HEADERS.items():
             request.setHeader(name, value)
         self._write(b"")  # send the headers now: the phone sees the 200 at once
-        self._timer = self._clock.callLater(self._heartbeat, self._beat)
+        self._heartbeat = self._clock.callLater(self._config.heartbeat, self._beat)
         error: BaseException | None = None
         try:
-            await self._relay(body)
+            try:
+                await self._relay(body)
+            except CancelledError:
+                self._check_abort()
         except CancelledError:
             self.outcome = "client left"
-            self._stop_heartbeat()
+            self._stop_timers()
             await self._store_reply(report=False)
             raise
         except Exception as e:
             if not self.done:  # a failure after "done" changes nothing for the phone
                 error = e
-        self._stop_heartbeat()
-        if error is not None:
+        self._stop_timers()
+        if self.client_left:
+            self.outcome = "client left"
+        elif error is not None:
             self.outcome = "error"
             self._write(sse.error_frame(_describe(error)))
         else:
@@ -185,10 +323,70 @@ class ChatRelay:
                 self.outcome = "error"
                 self._write(sse.error_frame(f"the reply could not be stored: {_describe(e)}"))
 
-    def _stop_heartbeat(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+    def _stop_timers(self) -> None:
+        self._stop_watching()
+        if self._heartbeat is not None and self._heartbeat.active():
+            self._heartbeat.cancel()
+        self._heartbeat = None
+
+
+class GenerateRelay(_Relay):
+    """
+    Passes one Ollama ``/api/generate`` stream through, unchanged.
+
+    Ollama's own way to report a failure after the ``200`` is a last
+    ``{"error": ...}`` line; this relay does the same for failures of its own.
+    """
+
+    def __init__(self, request: IRequest, *, ollama: OllamaClient, clock: IReactorTime, config: RelayConfig) -> None:
+        super().__init__(request, ollama=ollama, clock=clock, config=config)
+        self._ended_line = True
+
+    def _on_data(self, data: bytes) -> None:
+        self._heard()
+        self._request.write(data)
+        self.frames += data.count(b"\n")
+        self._ended_line = data.endswith(b"\n")
+
+    async def run(self, body: bytes) -> bytes | None:
+        """
+        Relay Ollama's answer to ``body``.
+
+        :returns: a body for Klein to write when Ollama answered an error
+            (its status and content type are set), else ``None``.
+        """
+        request = self._request
+        try:
+            try:
+                response = await self._open("/api/generate", body)
+                if response.code != 200:
+                    error = await self._wait(ensureDeferred(self._ollama.read_error(response)))
+                    self.outcome = "error"
+                    request.setResponseCode(error.status)
+                    request.setHeader(b"content-type", error.content_type)
+                    return error.body
+                request.setHeader(b"content-type", b"application/x-ndjson")
+                request.write(b"")
+                await self._read(response, self._on_data)
+            except CancelledError:
+                self._check_abort()
+        except CancelledError:
+            self.outcome = "client left"
+            raise
+        except Exception as e:
+            if not request.startedWriting:  # type: ignore[attr-defined]
+                raise
+            self.outcome = "error"
+            message = f"Ollama's stream broke off: {describe_failure(e)}"
+            if isinstance(e, (OllamaError, ValueError)):
+                message = _describe(e)
+            line = json.dumps({"error": message}).encode()
+            request.write((b"" if self._ended_line else b"\n") + line + b"\n")
+        else:
+            self.outcome = "done"
+        finally:
+            self._stop_watching()
+        return None
 
 
 def _describe(error: BaseException) -> str:
@@ -196,8 +394,7 @@ def _describe(error: BaseException) -> str:
     The message of an error frame: an Ollama or store error's own words,
     never a traceback.
     """
-    if isinstance(error, (OllamaError, StoreError, ValueError)):
+    if isinstance(error, (OllamaError, StoreError, ValueError, ShuttingDown)):
         return str(error)
-    log.failure("unexpected error in a chat stream", Failure(error))
+    log.failure("unexpected error in a stream", Failure(error))
     return "chatterd failed while relaying the reply (see its log)"
-

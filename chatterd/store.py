@@ -33,6 +33,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
@@ -75,6 +76,12 @@ class StoreUnavailable(StoreError):
     """
 
     status = 503
+
+
+class LockTimeout(StoreUnavailable):
+    """
+    Another process kept an appID's lock longer than the caller would wait.
+    """
 
 
 class ValueTooLong(StoreError):
@@ -120,6 +127,18 @@ class IChattStore(Interface):
     def replace_history(appid: str, messages: Sequence[Message]) -> Deferred[None]:
         """
         Delete ``appid``'s rows and store ``messages`` instead, as one transaction.
+        """
+
+    def lock_appid(appid: str, timeout: float) -> Deferred[None]:
+        """
+        Take ``appid``'s lock, shared by every process using this database,
+        waiting at most ``timeout`` seconds (then :class:`StoreUnavailable`).
+        Cancelling the wait leaves nothing locked.
+        """
+
+    def unlock_appid(appid: str) -> None:
+        """
+        Give ``appid``'s lock back (in the background).
         """
 
 
@@ -173,6 +192,13 @@ _PAGE = """
 SELECT username, message, id::text, time, seq FROM chatts
  WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s;
 """
+
+
+# Session-level advisory locks, keyed (class, hash of appID).  A hash collision
+# makes two appIDs share a lock: harmless, they only take turns.
+_LOCK_CLASS = 1667788099
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s));"
+_UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 
 
 def _many(appid: str, messages: Sequence[Message]) -> dict[str, Any]:
@@ -372,6 +398,7 @@ class PostgresChattStore(Service):
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
         self._pool: ConnectionPool | None = None
+        self._locker: ConnectionPool | None = None
         self._schema_ready = False
         self._schema_lock = DeferredLock()
         self.started: Deferred[int] | None = None
@@ -382,6 +409,10 @@ class PostgresChattStore(Service):
         super().startService()
         dsn = self._dsn() if callable(self._dsn) else self._dsn
         self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout)
+        # appID locks live on a connection of their own: they are held for a
+        # whole stream, which must not take a pool connection out of service
+        self._locker = ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout)
+        self._locker.start()
         self.started = ensureDeferred(self._start(self._pool))
 
     async def _start(self, pool: ConnectionPool) -> int:
@@ -405,8 +436,9 @@ class PostgresChattStore(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        if self._pool is not None:
-            self._pool.close()
+        for pool in (self._pool, self._locker):
+            if pool is not None:
+                pool.close()
 
     @property
     def pool(self) -> ConnectionPool:
@@ -428,13 +460,16 @@ class PostgresChattStore(Service):
         finally:
             self._schema_lock.release()
 
-    async def _run(self, method: str, sql: str, params: dict[str, Any]) -> Any:
+    async def _run(
+        self, method: str, sql: str, params: dict[str, Any], *, pool: ConnectionPool | None = None
+    ) -> Any:
         async def body(c: txpostgres.Connection) -> Any:
-            await self._with_schema(c)
+            if pool is None:
+                await self._with_schema(c)
             return await getattr(c, method)(sql, params)
 
         try:
-            return await self.pool.run(body)
+            return await (pool or self.pool).run(body)
         except StoreError:
             raise
         except (PoolTimeout, reconnection.ConnectionDead, psycopg2.OperationalError,
@@ -469,3 +504,31 @@ class PostgresChattStore(Service):
 
     def replace_history(self, appid: str, messages: Sequence[Message]) -> Deferred[None]:
         return self._call("runOperation", _DELETE + _INSERT_MANY, _many(appid, messages))
+
+    def lock_appid(self, appid: str, timeout: float) -> Deferred[None]:
+        return ensureDeferred(self._lock(appid, timeout))
+
+    async def _lock(self, appid: str, timeout: float) -> None:
+        params = {"class": _LOCK_CLASS, "appid": appid}
+        deadline = self._reactor.seconds() + timeout
+        pause = 0.02
+        while True:
+            attempt = ensureDeferred(self._run("runQuery", _TRY_LOCK, params, pool=self._locker))
+            try:
+                [(taken,)] = await _shield(attempt)
+            except CancelledError:
+                # the caller gave up while the query ran: undo what it took
+                attempt.addCallback(lambda rows: rows[0][0] and self.unlock_appid(appid))
+                attempt.addErrback(lambda _: None)
+                raise
+            if taken:
+                return
+            if self._reactor.seconds() + pause > deadline:
+                raise LockTimeout("another chatterd is still streaming for this appID")
+            await deferLater(self._reactor, pause)
+            pause = min(pause * 2, 0.5)
+
+    def unlock_appid(self, appid: str) -> None:
+        params = {"class": _LOCK_CLASS, "appid": appid}
+        d = ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker))
+        d.addErrback(lambda f: log.debug("appID unlock failed (the lock went with its connection): {f}", f=f))

@@ -3,13 +3,15 @@
 The command line and the service tree: ``twistd chatterd`` and ``chatterd.tac``
 both go through :class:`Options` and :func:`makeService`.
 
-The tree, started top-down and stopped bottom-up::
+The tree, started top-down and stopped bottom-up, one child at a time::
 
     MultiService
     └── EmbeddedPostgresService      (only without --database)
-        ├── PostgresChattStore       (the connection pool)
-        ├── the HTTP client's pool   (persistent connections to Ollama)
-        └── one listener per --listen
+        └── _Sequential
+            ├── PostgresChattStore       (the connection pools)
+            ├── the HTTP client's pool   (persistent connections to Ollama)
+            ├── Streams                  (drains running streams at shutdown)
+            └── one listener per --listen
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
 from treq.client import HTTPClient
@@ -29,7 +32,9 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import tls
 from chatterd.ollama import OllamaClient
+from chatterd.relay import RelayConfig
 from chatterd.store import PostgresChattStore
+from chatterd.streams import Streams
 from chatterd.web import ChatterApp, ChatterSite
 
 log = Logger()
@@ -97,6 +102,21 @@ class Options(usage.Options):
          _positive(float, "db-wait")],
         ["connect-timeout", None, 10.0, "Seconds to wait for a connection to Ollama.",
          _positive(float, "connect-timeout")],
+        ["first-byte-timeout", None, 300.0,
+         "Seconds to wait for Ollama's first byte (model loading included).",
+         _positive(float, "first-byte-timeout")],
+        ["stall-timeout", None, 120.0, "Seconds Ollama may fall silent mid-stream.",
+         _positive(float, "stall-timeout")],
+        ["max-streams", None, 1000, "Most streams at once; more get 503.", _positive(int, "max-streams")],
+        ["lock-wait", None, 300.0,
+         "Seconds a request waits for an earlier stream of the same appID.",
+         _positive(float, "lock-wait")],
+        ["grace", None, 30.0, "Seconds running streams get to finish at shutdown.",
+         _positive(float, "grace")],
+        ["request-timeout", None, 30.0, "Seconds for a request's headers and body to arrive.",
+         _positive(float, "request-timeout")],
+        ["idle-timeout", None, 60.0, "Seconds an idle connection stays open.",
+         _positive(float, "idle-timeout")],
     ]
 
     def __init__(self) -> None:
@@ -139,6 +159,22 @@ class _QuietClientFactory(_HTTP11ClientFactory):
     noisy = False
 
 
+class _Sequential(MultiService):
+    """
+    A ``MultiService`` that stops its children one at a time, last started
+    first: listeners close, then running streams drain, then the connections
+    to Ollama and to the database close.
+    """
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            await maybeDeferred(child.stopService)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+
 class _HTTPPoolService(Service):
     """
     Closes the persistent connections to Ollama at shutdown.
@@ -178,17 +214,19 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     top = MultiService()
     announce: list[tuple[str, dict[str, Any]]] = []
 
+    parent = _Sequential()
     if options["database"]:
-        parent: MultiService = top
+        parent.setServiceParent(top)
         dsn: Any = options["database"]
         announce.append(("database: the configured DSN", {}))
     else:
         from chatterd.pgembed import EmbeddedPostgres, EmbeddedPostgresService, default_base
 
         base = default_base(options["data-dir"])
-        parent = EmbeddedPostgresService(EmbeddedPostgres(base))
-        parent.setServiceParent(top)
-        dsn = parent.get_dsn
+        embedded = EmbeddedPostgresService(EmbeddedPostgres(base))
+        embedded.setServiceParent(top)
+        parent.setServiceParent(embedded)  # started after the server, stopped before it
+        dsn = embedded.get_dsn
         announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
 
     store = PostgresChattStore(
@@ -221,8 +259,27 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             },
         ))
 
-    app = ChatterApp(store=store, ollama=ollama, clock=reactor, heartbeat=options["heartbeat"])
-    site = ChatterSite(app.resource(), clock=reactor, max_body=options["max-body"])
+    streams = Streams(
+        store=store,
+        clock=reactor,
+        max_streams=options["max-streams"],
+        grace=options["grace"],
+        lock_wait=options["lock-wait"],
+    )
+    streams.setServiceParent(parent)
+    relay = RelayConfig(
+        heartbeat=options["heartbeat"],
+        first_byte_timeout=options["first-byte-timeout"],
+        stall_timeout=options["stall-timeout"],
+    )
+    app = ChatterApp(store=store, ollama=ollama, streams=streams, clock=reactor, relay=relay)
+    site = ChatterSite(
+        app.resource(),
+        clock=reactor,
+        max_body=options["max-body"],
+        request_timeout=options["request-timeout"],
+        idle_timeout=options["idle-timeout"],
+    )
     for description in options["listen"]:
         try:
             endpoint = tls.server_endpoint(reactor, description, cert_path, key_path)

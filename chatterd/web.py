@@ -16,20 +16,21 @@ import json
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from chatterd import api
 from chatterd.api import ClientError
-from chatterd.ollama import BodyStream, OllamaClient, OllamaUnreachable, describe_failure
-from chatterd.relay import ChatRelay
+from chatterd.ollama import OllamaClient, OllamaError
+from chatterd.relay import ChatRelay, GenerateRelay, OllamaTimeout, RelayConfig
 from chatterd.store import IChattStore, StoreError
+from chatterd.streams import Busy, Streams
 
 log = Logger()
 
@@ -87,19 +88,113 @@ class ChatterRequest(server.Request):
         )
 
 
+def _raw_error(status: bytes, message: str) -> bytes:
+    """
+    A whole HTTP/1.1 error response that closes the connection, for answers
+    given before (or instead of) a request object.
+    """
+    body = json.dumps({"error": message}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+class ChatterChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 with limits against slow and oversized requests.
+
+    - A request's headers and body must arrive within the site's
+      ``request_timeout`` (Twisted's own timeout restarts with every byte,
+      so a client trickling one byte a minute would never hit it): ``408``.
+    - A ``Content-Length`` over the site's ``max_body`` is answered ``413``
+      at once, without reading the body.
+    - At most 100 headers and 16 KiB of them.
+    """
+
+    maxHeaders = 100
+    totalHeadersSize = 16384
+    _deadline: IDelayedCall | None = None
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(self.site.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.max_body:
+            self._refuse(b"413 Payload Too Large", f"the body is larger than {self.site.max_body} bytes")
+            return
+        super().allHeadersReceived()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(b"408 Request Timeout", f"the request did not arrive within {self.site.request_timeout:g} s")
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        self._stop_deadline()
+        self._refused = True
+        if self.requests:
+            self.requests[-1].setResponseCode(int(status[:3]))
+        self.transport.write(_raw_error(status, message))
+        self.transport.loseConnection()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+def _channel(site: ChatterSite) -> http._GenericHTTPChannelProtocol:
+    """
+    A connection's protocol: ``ChatterChannel``, or HTTP/2 if ALPN picks it.
+    """
+    return http._GenericHTTPChannelProtocol(ChatterChannel())
+
+
 class ChatterSite(server.Site):
     """
-    A ``Site`` with chatterd's request class, a request-body limit, and no
-    Common Log Format lines (``ChatterRequest`` logs through ``twisted.logger``).
+    A ``Site`` with chatterd's request and channel classes, body and time
+    limits, and no Common Log Format lines (``ChatterRequest`` logs through
+    ``twisted.logger``).
+
+    :param max_body: the largest request body, in bytes.
+    :param request_timeout: seconds for a request's headers and body to arrive.
+    :param idle_timeout: seconds an idle connection is kept open.
     """
 
     requestFactory = ChatterRequest
+    protocol = _channel
     noisy = False  # no "Starting factory" lines
 
-    def __init__(self, resource: Any, *, clock: IReactorTime, max_body: int) -> None:
-        super().__init__(resource)
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        clock: IReactorTime,
+        max_body: int,
+        request_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(resource, timeout=idle_timeout, reactor=clock)
         self.clock = clock
         self.max_body = max_body
+        self.request_timeout = request_timeout
 
     def getContentFile(self, length: int | None) -> BoundedBody:
         return BoundedBody(self.max_body, length)
@@ -193,8 +288,9 @@ class ChatterApp:
 
     :param store: where chatts live.
     :param ollama: the Ollama client.
+    :param streams: admission, per-appID turns and shutdown of streams.
     :param clock: for heartbeats and timing.
-    :param heartbeat: seconds of silence after which an SSE stream gets ``: ping``.
+    :param relay: timing of relayed streams.
     """
 
     app = Klein()
@@ -204,13 +300,15 @@ class ChatterApp:
         *,
         store: IChattStore,
         ollama: OllamaClient,
+        streams: Streams,
         clock: IReactorTime,
-        heartbeat: float = 15.0,
+        relay: RelayConfig = RelayConfig(),
     ) -> None:
         self.store = store
         self.ollama = ollama
+        self.streams = streams
         self.clock = clock
-        self.heartbeat = heartbeat
+        self.relay = relay
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -228,6 +326,21 @@ class ChatterApp:
         if e.status == 503:
             request.setHeader(b"retry-after", b"5")
         return json_body(request, {"error": str(e)}, e.status)
+
+    @app.handle_errors(Busy)
+    def _busy(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        request.setHeader(b"retry-after", str(e.retry_after).encode())
+        return json_body(request, {"error": str(e)}, e.status)
+
+    @app.handle_errors(OllamaError)
+    def _ollama_error(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Ollama failing before anything was written (``/llmprompt`` only:
+        ``/llmchat`` reports it in its stream).
+        """
+        status = 504 if failure.check(OllamaTimeout) else 502
+        return json_body(request, {"error": str(failure.value)}, status)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -293,7 +406,8 @@ class ChatterApp:
     @app.route("/llmprep", methods=["POST"], strict_slashes=False)
     async def llmprep(self, request: IRequest) -> bytes:
         chat = api.parse_chat(read_body(request), need_model=False)
-        await self.store.replace_history(chat.appid, chat.messages)
+        async with self.streams.turn(chat.appid):  # not in the middle of a chat
+            await self.store.replace_history(chat.appid, chat.messages)
         return json_body(request, {})
 
     @app.route("/llmchat", methods=["POST"], strict_slashes=False)
@@ -303,16 +417,18 @@ class ChatterApp:
         its answer as SSE.  Errors before the stream are JSON; after, frames.
         """
         chat = api.parse_chat(read_body(request))
-        history = await self.store.append_and_load(chat.appid, chat.messages)
-        relay = ChatRelay(
-            request,
-            appid=chat.appid,
-            store=self.store,
-            ollama=self.ollama,
-            clock=self.clock,
-            heartbeat=self.heartbeat,
-        )
-        await relay.run(chat.ollama_body(history))
+        async with self.streams.admitted(), self.streams.turn(chat.appid):
+            history = await self.store.append_and_load(chat.appid, chat.messages)
+            relay = ChatRelay(
+                request,
+                appid=chat.appid,
+                store=self.store,
+                ollama=self.ollama,
+                clock=self.clock,
+                config=self.relay,
+            )
+            async with self.streams.tracking(relay):
+                await relay.run(chat.ollama_body(history))
 
     @app.route("/llmprompt", methods=["POST"], strict_slashes=False)
     async def llmprompt(self, request: IRequest) -> bytes | None:
@@ -321,32 +437,7 @@ class ChatterApp:
         comes, or its error status and body passed through.
         """
         body = api.parse_generate(read_body(request))
-        try:
-            response = await self.ollama.post("/api/generate", body)
-        except OllamaUnreachable as e:
-            return json_body(request, {"error": str(e)}, 502)
-        if response.code != 200:
-            error = await self.ollama.read_error(response)
-            request.setResponseCode(error.status)
-            request.setHeader(b"content-type", error.content_type)
-            return error.body
-        request.setHeader(b"content-type", b"application/x-ndjson")
-        request.write(b"")
-        tail = [b"\n"]
-
-        def relay(data: bytes) -> None:
-            request.write(data)
-            tail[0] = data[-1:]
-
-        stream = BodyStream(relay)
-        response.deliverBody(stream)
-        try:
-            await stream.done
-        except CancelledError:
-            raise
-        except Exception as e:
-            # Ollama's own way to report a failure after the 200: a last
-            # {"error": ...} line.
-            line = json.dumps({"error": f"Ollama's stream broke off: {describe_failure(e)}"})
-            request.write((b"" if tail[0] == b"\n" else b"\n") + line.encode() + b"\n")
-        return None
+        async with self.streams.admitted():
+            relay = GenerateRelay(request, ollama=self.ollama, clock=self.clock, config=self.relay)
+            async with self.streams.tracking(relay):
+                return await relay.run(body)

@@ -17,7 +17,9 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
 from chatterd.ollama import BodyStream, OllamaClient
+from chatterd.relay import RelayConfig
 from chatterd.store import PostgresChattStore
+from chatterd.streams import Streams
 from chatterd.web import ChatterApp, ChatterSite
 from tests import pgcluster
 
@@ -50,6 +52,8 @@ class Stream:
 
     def _received(self, data: bytes) -> None:
         self.chunks.append(data)
+        if not self._waiters:
+            return
         body = self.body
         for waiter in list(self._waiters):
             if waiter[0] in body:
@@ -71,6 +75,15 @@ class Stream:
             self._waiters.append((data, d))
         return d
 
+    def pause(self) -> None:
+        """
+        Stop reading, like a phone whose app is not consuming the stream.
+        """
+        self._reader.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self._reader.transport.resumeProducing()
+
     def close(self) -> None:
         """
         Hang up: close the connection to chatterd.  (``done`` then fires with None.)
@@ -84,20 +97,34 @@ class Chatterd:
     chatterd serving on ``url``, backed by database ``dsn``.
     """
 
-    def __init__(self, case: Any, *, ollama: str, dsn: str | None = None, **app: Any) -> None:
+    def __init__(
+        self,
+        case: Any,
+        *,
+        ollama: str,
+        dsn: str | None = None,
+        relay: RelayConfig = RelayConfig(),
+        streams: dict[str, Any] | None = None,
+        site: dict[str, Any] | None = None,
+        pool_size: int = 3,
+    ) -> None:
         self.case = case
         self.dsn = dsn or pgcluster.fresh_database()
-        max_body = app.pop("max_body", 1024 * 1024)
-        self.store = PostgresChattStore(self.dsn, reactor=reactor, pool_size=app.pop("pool_size", 3))
+        self.store = PostgresChattStore(self.dsn, reactor=reactor, pool_size=pool_size)
+        self.streams = Streams(store=self.store, clock=reactor, **(streams or {}))
         upstream = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        self.app = ChatterApp(store=self.store, ollama=OllamaClient(upstream, ollama), clock=reactor, **app)
-        self.site = ChatterSite(self.app.resource(), clock=reactor, max_body=max_body)
+        self.app = ChatterApp(
+            store=self.store, ollama=OllamaClient(upstream, ollama), streams=self.streams, clock=reactor, relay=relay
+        )
+        self.site = ChatterSite(self.app.resource(), clock=reactor, **{"max_body": 1024 * 1024, **(site or {})})
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=self._pool))
 
     async def start(self) -> Chatterd:
         self.store.startService()
         self.case.addCleanup(self.store.stopService)
+        self.streams.startService()
+        self.case.addCleanup(self.streams.stopService)
         await self.store.started
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.case.addCleanup(self.port.stopListening)

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from chatterd.relay import RelayConfig
 from tests.harness import Chatterd, Stream, query
 from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
 from tests.phone import AppWouldChoke, read_as_phone
@@ -44,7 +45,7 @@ class LLMTestCase(TestCase):
 
     async def _setUp(self) -> None:
         self.emulator: OllamaEmulator = await start_emulator(self)
-        self.server = await Chatterd(self, ollama=self.emulator.url, heartbeat=self.heartbeat).start()
+        self.server = await Chatterd(self, ollama=self.emulator.url, relay=RelayConfig(heartbeat=self.heartbeat)).start()
 
     async def stream(self, body: Any, path: str = "/llmchat") -> Stream:
         """

@@ -1,0 +1,243 @@
+# -*- test-case-name: tests.test_streams -*-
+"""
+Admission, turns and shutdown for the streaming routes (``/llmchat``, ``/llmprompt``).
+
+- **Admission**: at most ``max_streams`` streams at once; past that, and while
+  shutting down, a request gets ``503`` with ``Retry-After`` before anything
+  is stored.
+- **Turns**: requests for one appID take turns, so two overlapping
+  ``/llmchat`` requests cannot interleave their histories.  Inside this
+  process a lock per appID serialises them (dropped as soon as nobody holds
+  or waits for it); across processes sharing one database the store adds a
+  PostgreSQL advisory lock.
+- **Shutdown**: stopping the service refuses new streams, lets running ones
+  finish for ``grace`` seconds, then aborts the rest (each ends with an SSE
+  error frame and stores its partial reply) and waits for them to wind up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, DeferredList
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from chatterd.store import IChattStore
+
+log = Logger()
+
+
+class Busy(Exception):
+    """
+    chatterd cannot take this stream now: too many running, or shutting down.
+    """
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """
+    The reason given to streams still running when the grace period ends.
+    """
+
+
+class Abortable(Protocol):
+    """
+    A running stream that can be ended early, with an error frame.
+    """
+
+    def abort(self, reason: BaseException) -> None: ...
+
+
+class KeyedLock:
+    """
+    One ``DeferredLock`` per key, kept only while someone holds or waits for it.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, DeferredLock] = {}
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+    def acquire(self, key: str) -> Deferred[DeferredLock]:
+        """
+        Wait for ``key``'s turn; cancel the Deferred to stop waiting.
+        """
+        lock = self._locks.setdefault(key, DeferredLock())
+
+        def gave_up(failure: Any) -> Any:
+            self._forget(key, lock)
+            return failure
+
+        return lock.acquire().addErrback(gave_up)
+
+    def release(self, key: str) -> None:
+        lock = self._locks[key]
+        lock.release()
+        self._forget(key, lock)
+
+    def _forget(self, key: str, lock: DeferredLock) -> None:
+        if not lock.locked and not lock.waiting:
+            del self._locks[key]
+
+
+class Streams(Service):
+    """
+    Keeps count of running streams, gives each appID its turn, and drains
+    them at shutdown.
+
+    :param store: its ``lock_appid``/``unlock_appid`` serialise appIDs across
+        processes.
+    :param max_streams: the most streams at once.
+    :param grace: seconds running streams get to finish at shutdown.
+    :param lock_wait: seconds a request waits for its appID's turn.
+    """
+
+    name = "streams"
+
+    def __init__(
+        self,
+        *,
+        store: IChattStore,
+        clock: IReactorTime,
+        max_streams: int = 1000,
+        grace: float = 30.0,
+        lock_wait: float = 300.0,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self.max_streams = max_streams
+        self.grace = grace
+        self.lock_wait = lock_wait
+        self._admitted = 0
+        self._running: dict[Abortable, Deferred[None]] = {}
+        self._turns = KeyedLock()
+        self._draining = False
+
+    @property
+    def active(self) -> int:
+        """
+        Streams admitted and not yet ended (including those waiting for a turn).
+        """
+        return self._admitted
+
+    @property
+    def streams(self) -> list[Abortable]:
+        """
+        The streams running now.
+        """
+        return list(self._running)
+
+    @property
+    def waiting_appids(self) -> int:
+        """
+        appIDs with a lock entry (held or awaited); zero when idle.
+        """
+        return len(self._turns)
+
+    # --- admission and turns ---
+
+    @asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """
+        Hold one of ``max_streams`` places for the duration.
+
+        :raises Busy: if all are taken, or chatterd is shutting down.
+        """
+        if self._draining:
+            raise Busy("chatterd is restarting, try again shortly", retry_after=5)
+        if self._admitted >= self.max_streams:
+            raise Busy(f"chatterd is at its limit of {self.max_streams} streams, try again shortly", retry_after=2)
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    @asynccontextmanager
+    async def turn(self, appid: str) -> AsyncIterator[None]:
+        """
+        Wait until no other stream of ``appid`` runs, in this process or any
+        other sharing the database, and keep the turn for the duration.
+
+        :raises Busy: if the turn does not come within ``lock_wait`` seconds.
+        """
+        waiting = self._turns.acquire(appid)
+        timer = self._clock.callLater(self.lock_wait, waiting.cancel)
+        try:
+            await waiting
+        except CancelledError:
+            if timer.active():
+                raise  # the client left while waiting
+            raise Busy("an earlier request for this appID is still streaming", retry_after=10) from None
+        finally:
+            if timer.active():
+                timer.cancel()
+        try:
+            await self._store.lock_appid(appid, self.lock_wait)
+            try:
+                yield
+            finally:
+                self._store.unlock_appid(appid)
+        finally:
+            self._turns.release(appid)
+
+    # --- running streams ---
+
+    @asynccontextmanager
+    async def tracking(self, stream: Abortable) -> AsyncIterator[None]:
+        """
+        Track ``stream`` for the duration, so that shutdown can end it.
+        """
+        ended: Deferred[None] = Deferred()
+        self._running[stream] = ended
+        try:
+            yield
+        finally:
+            del self._running[stream]
+            ended.callback(None)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._draining = True
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        if not self._running:
+            return
+        log.info("waiting up to {grace:g} s for {n} streams to finish", grace=self.grace, n=len(self._running))
+        await _within(DeferredList(list(self._running.values())), self.grace, self._clock)
+        if self._running:
+            log.warn("ending {n} streams still running after the grace period", n=len(self._running))
+            ended = list(self._running.values())
+            for stream in list(self._running):
+                stream.abort(ShuttingDown("chatterd is shutting down; the reply was cut short"))
+            await DeferredList(ended)
+
+
+
+def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:
+    """
+    Fires when ``d`` does or ``seconds`` pass, whichever is first; ``d`` is
+    left alone either way.
+    """
+    first: Deferred[None] = Deferred()
+
+    def fire(_: object = None) -> None:
+        if not first.called:
+            first.callback(None)
+        if timer.active():
+            timer.cancel()
+
+    timer = clock.callLater(seconds, fire)
+    d.addBoth(fire)
+    return first
