@@ -10,6 +10,7 @@ a 4xx answer with a JSON ``{"error": ...}`` body.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,17 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    """
+    A JSON number as a float, refusing those too big for one (``1e999``
+    would otherwise become ``inf`` and go on as ``Infinity``, not JSON).
+    """
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
     """
     Decode a request body: strict UTF-8 and strict JSON (no ``NaN``).
@@ -49,7 +61,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as e:
         raise ClientError(422, f"the body is not UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except RecursionError:
         raise ClientError(422, "the body is not acceptable JSON: nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, and ints longer than Python allows
@@ -61,7 +73,7 @@ def _text(value: Any, what: str, *, max_length: int | None = None, required: boo
     Check that ``value`` is a string PostgreSQL can store.
     """
     if not isinstance(value, str):
-        kind = "missing" if value is None else f"a {type(value).__name__}, not a string"
+        kind = "missing" if value is None else f"{_json_kind(value)}, not a string"
         raise ClientError(422, f"{what} is {kind}")
     if required and not value:
         raise ClientError(422, f"{what} is empty")
@@ -76,9 +88,20 @@ def _text(value: Any, what: str, *, max_length: int | None = None, required: boo
     return value
 
 
+def _json_kind(value: Any) -> str:
+    """
+    What a decoded JSON value is, in JSON's words: "a number", "an array", ...
+    """
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "null")
+
+
 def _object(obj: Any) -> dict[str, Any]:
     if not isinstance(obj, dict):
-        raise ClientError(422, f"the body must be a JSON object, not {type(obj).__name__}")
+        raise ClientError(422, f"the body must be a JSON object, not {_json_kind(obj)}")
     return obj
 
 
@@ -102,7 +125,7 @@ class ChatRequest:
         The body for Ollama's ``/api/chat``: the request without ``appID``, with
         ``messages`` replaced by the whole stored history.
         """
-        return json.dumps({**self.fields, "messages": history}, separators=(",", ":")).encode()
+        return json.dumps({**self.fields, "messages": history}, separators=(",", ":"), allow_nan=False).encode()
 
 
 def parse_chat(body: bytes, *, need_model: bool = True) -> ChatRequest:
@@ -146,11 +169,13 @@ def parse_chatt(body: bytes) -> tuple[str, str]:
     return username, message
 
 
-def parse_generate(body: bytes) -> bytes:
+def parse_generate(body: bytes) -> tuple[str | None, bytes]:
     """
-    Check that an ``/llmprompt`` body is a JSON object; it goes to Ollama as sent.
+    Check that an ``/llmprompt`` body is a JSON object; it goes to Ollama as
+    sent (Ollama itself answers for a missing or unknown model).
 
-    :raises ClientError: 422 if it is not.
+    :returns: ``(model, body)``; model is ``None`` unless a string.
+    :raises ClientError: 422 if it is not an object.
     """
-    _object(parse_json(body))
-    return body
+    model = _object(parse_json(body)).get("model")
+    return (model if isinstance(model, str) else None), body

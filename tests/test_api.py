@@ -103,7 +103,7 @@ class ParseChatTests(SynchronousTestCase):
         self.assertRejected({"appID": ...}, "appID is missing")
         self.assertRejected({"appID": None}, "appID is missing")
         self.assertRejected({"appID": ""}, "appID is empty")
-        self.assertRejected({"appID": 7}, "appID is a int")
+        self.assertRejected({"appID": 7}, "appID is a number")
         self.assertRejected({"appID": "a" * 156}, "longer than 155")
         api.parse_chat(body({**GOOD, "appID": "a" * 155}))
 
@@ -112,7 +112,7 @@ class ParseChatTests(SynchronousTestCase):
         model missing or not a string: 422; empty only where Ollama needs it.
         """
         self.assertRejected({"model": ...}, "model is missing")
-        self.assertRejected({"model": ["x"]}, "model is a list")
+        self.assertRejected({"model": ["x"]}, "model is an array")
         self.assertRejected({"model": ""}, "model is empty")
         self.assertEqual(api.parse_chat(body({**GOOD, "model": ""}), need_model=False).model, "")
 
@@ -124,7 +124,7 @@ class ParseChatTests(SynchronousTestCase):
         self.assertRejected({"messages": {"role": "user"}}, "messages must be a list")
         self.assertRejected({"messages": ["hi"]}, "messages[0] must be an object")
         self.assertRejected({"messages": [{"content": "x"}]}, "messages[0].role is missing")
-        self.assertRejected({"messages": [{"role": "user", "content": 1}]}, "messages[0].content is a int")
+        self.assertRejected({"messages": [{"role": "user", "content": 1}]}, "messages[0].content is a number")
         self.assertRejected({"messages": [{"role": "u" * 256, "content": ""}]}, "longer than 255")
 
     def test_empty_messages_and_content_are_fine(self) -> None:
@@ -187,7 +187,9 @@ class ParseGenerateTests(SynchronousTestCase):
         A JSON object goes to Ollama byte for byte.
         """
         raw = b'{"model": "m",   "prompt": "hi"}'
-        self.assertIs(api.parse_generate(raw), raw)
+        model, body = api.parse_generate(raw)
+        self.assertEqual(model, "m")
+        self.assertIs(body, raw)
 
     def test_not_an_object(self) -> None:
         """

@@ -133,7 +133,7 @@ class ChatterAPITests(TestCase):
         await self.assertRejected(b"not json", 422, "not JSON")
         await self.assertRejected([1, 2], 422, "JSON object")
         await self.assertRejected({"username": "u"}, 422, "message is missing")
-        await self.assertRejected({"username": 5, "message": "m"}, 422, "username is a int")
+        await self.assertRejected({"username": 5, "message": "m"}, 422, "username is a number")
         await self.assertRejected({"username": "u" * 256, "message": "m"}, 400, "longer than 255")
         await self.assertRejected({"username": "u", "message": "nul\u0000"}, 422, "NUL")
 
