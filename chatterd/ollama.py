@@ -28,7 +28,11 @@ MAX_ERROR_BODY = 64 * 1024
 class OllamaError(Exception):
     """
     Ollama failed; the message is meant for the app's user and developer.
+
+    :cvar kind: a short name for metrics and logs.
     """
+
+    kind = "error"
 
 
 class OllamaUnreachable(OllamaError):
@@ -36,11 +40,15 @@ class OllamaUnreachable(OllamaError):
     No answer from Ollama: refused, timed out, or closed before answering.
     """
 
+    kind = "unreachable"
+
 
 class OllamaHTTPError(OllamaError):
     """
     Ollama answered with a status other than 200.
     """
+
+    kind = "status"
 
     def __init__(self, status: int, body: bytes, content_type: bytes | None = None) -> None:
         self.status = status
@@ -139,32 +147,54 @@ class OllamaClient:
                 raise CancelledError() from None  # we gave up on it: not Ollama's fault
             raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
 
-    async def read_error(self, response: IResponse) -> OllamaHTTPError:
+    async def get_json(self, path: str, timeout: float) -> Any:
         """
-        Read a non-200 answer's body (at most 64 KiB) and make an error of it,
-        using Ollama's own ``{"error": ...}`` text when there is one.
+        GET ``path`` and decode its JSON answer, within ``timeout`` seconds.
+
+        :raises OllamaError: for no answer, a non-200 status or a bad body.
         """
-        chunks: list[bytes] = []
-        size = 0
-
-        def collect(data: bytes) -> None:
-            nonlocal size
-            chunks.append(data)
-            size += len(data)
-            if size >= MAX_ERROR_BODY:
-                reader.abort(_Enough())
-
-        reader = BodyStream(collect)
-        response.deliverBody(reader)
+        url = self.url + path
         try:
-            await reader.done
-        except _Enough:
-            pass
-        except (ResponseFailed, ConnectionClosed):
-            pass  # a torn error body still says something
-        body = b"".join(chunks)[:MAX_ERROR_BODY]
-        content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
-        return OllamaHTTPError(response.code, body, content_type)
+            response = await self._http.get(url, timeout=timeout)
+            if response.code != 200:
+                raise await read_error(response)
+            return json.loads(await response.content())
+        except OllamaError:
+            raise
+        except CancelledError:
+            raise OllamaUnreachable(f"{url} did not answer within {timeout:g} s") from None
+        except ValueError:
+            raise OllamaError(f"{url} did not answer JSON") from None
+        except Exception as e:
+            raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
+
+
+async def read_error(response: IResponse) -> OllamaHTTPError:
+    """
+    Read a non-200 answer's body (at most 64 KiB) and make an error of it,
+    using Ollama's own ``{"error": ...}`` text when there is one.
+    """
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        chunks.append(data)
+        size += len(data)
+        if size >= MAX_ERROR_BODY:
+            reader.abort(_Enough())
+
+    reader = BodyStream(collect)
+    response.deliverBody(reader)
+    try:
+        await reader.done
+    except _Enough:
+        pass
+    except (ResponseFailed, ConnectionClosed):
+        pass  # a torn error body still says something
+    body = b"".join(chunks)[:MAX_ERROR_BODY]
+    content_type = response.headers.getRawHeaders(b"content-type", [None])[0]
+    return OllamaHTTPError(response.code, body, content_type)
 
 
 class _Enough(Exception):

@@ -32,12 +32,14 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
 
 from chatterd import sse
+from chatterd.balancer import Balancer, Lease
 from chatterd.ollama import (
     BodyStream,
-    OllamaClient,
     OllamaError,
+    OllamaHTTPError,
     describe_failure,
     parse_chat_line,
+    read_error,
 )
 from chatterd.store import IChattStore, StoreError
 from chatterd.streams import ShuttingDown
@@ -73,11 +75,30 @@ class Truncated(OllamaError):
     Ollama's stream ended without its ``done`` line.
     """
 
+    kind = "truncated"
+
 
 class OllamaTimeout(OllamaError):
     """
     Ollama was silent for too long.
     """
+
+    kind = "timeout"
+
+
+def error_kind(error: BaseException) -> str:
+    """
+    A short name for what ended a stream, for metrics and logs.
+    """
+    if isinstance(error, OllamaError):
+        return error.kind
+    if isinstance(error, StoreError):
+        return "database"
+    if isinstance(error, ShuttingDown):
+        return "shutdown"
+    if isinstance(error, ValueError):
+        return "bad_line"
+    return "internal"
 
 
 class _Relay:
@@ -87,10 +108,15 @@ class _Relay:
     """
 
     outcome = "running"
+    error_kind: str | None = None
 
-    def __init__(self, request: IRequest, *, ollama: OllamaClient, clock: IReactorTime, config: RelayConfig) -> None:
+    def __init__(
+        self, request: IRequest, *, model: str | None, ollama: Balancer, clock: IReactorTime, config: RelayConfig
+    ) -> None:
         self._request = request
+        self._model = model
         self._ollama = ollama
+        self._lease: Lease | None = None
         self._clock = clock
         self._config = config
         self._current: Deferred[Any] | None = None
@@ -101,6 +127,8 @@ class _Relay:
         self._started = False
         self.client_left = False
         self.frames = 0
+        self.bytes = 0
+        self.started_at = clock.seconds()
         self.first_byte_at: float | None = None
         request.notifyFinish().addErrback(self._left)
 
@@ -142,11 +170,16 @@ class _Relay:
 
     async def _open(self, path: str, body: bytes) -> IResponse:
         """
-        POST to Ollama with the watchdog running.
+        POST to an Ollama server with the watchdog running; raise its error
+        if it answers anything but 200.
         """
         self._heard_from = self._clock.seconds()
         self._watchdog = self._clock.callLater(self._config.first_byte_timeout, self._watch)
-        return await self._wait(ensureDeferred(self._ollama.post(path, body)))
+        self._lease = self._ollama.lease(self._model)
+        response = await self._wait(ensureDeferred(self._lease.post(path, body)))
+        if response.code != 200:
+            raise await self._wait(ensureDeferred(read_error(response)))
+        return response
 
     def _heard(self) -> None:
         self._heard_from = self._clock.seconds()
@@ -182,10 +215,15 @@ class _Relay:
             if flow and self._request.channel is not None:  # type: ignore[attr-defined]
                 self._request.unregisterProducer()
 
-    def _stop_watching(self) -> None:
+    def _end(self) -> None:
+        """
+        Stop the watchdog and give the server back.
+        """
         if self._watchdog is not None and self._watchdog.active():
             self._watchdog.cancel()
         self._watchdog = None
+        if self._lease is not None:
+            self._lease.release()
 
 
 class ChatRelay(_Relay):
@@ -198,12 +236,13 @@ class ChatRelay(_Relay):
         request: IRequest,
         *,
         appid: str,
+        model: str,
         store: IChattStore,
-        ollama: OllamaClient,
+        ollama: Balancer,
         clock: IReactorTime,
         config: RelayConfig,
     ) -> None:
-        super().__init__(request, ollama=ollama, clock=clock, config=config)
+        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config)
         self._appid = appid
         self._store = store
         self._splitter = sse.LineSplitter()
@@ -216,6 +255,7 @@ class ChatRelay(_Relay):
 
     def _write(self, data: bytes) -> None:
         self._request.write(data)
+        self.bytes += len(data)
         self._last_write = self._clock.seconds()
 
     def _beat(self) -> None:
@@ -252,8 +292,6 @@ class ChatRelay(_Relay):
 
     async def _relay(self, body: bytes) -> None:
         response = await self._open("/api/chat", body)
-        if response.code != 200:
-            raise await self._wait(ensureDeferred(self._ollama.read_error(response)))
         try:
             await self._read(response, self._on_data)
         except (CancelledError, OllamaError, ValueError):
@@ -301,6 +339,7 @@ class ChatRelay(_Relay):
             self.outcome = "client left"
         elif error is not None:
             self.outcome = "error"
+            self.error_kind = error_kind(error)
             self._write(sse.error_frame(_describe(error)))
         else:
             self.outcome = "done"
@@ -316,15 +355,20 @@ class ChatRelay(_Relay):
         if not (self.done or self._reply):
             return
         try:
-            await self._store.add_reply(self._appid, "".join(self._reply))
+            await self._store.add_reply(self._appid, self.reply)
         except Exception as e:  # StoreError, or a bug: either way the stream must end cleanly
             log.error("could not store the reply for {appid}: {e}", appid=self._appid, e=e)
             if report:
                 self.outcome = "error"
+                self.error_kind = "database"
                 self._write(sse.error_frame(f"the reply could not be stored: {_describe(e)}"))
 
+    @property
+    def reply(self) -> str:
+        return "".join(self._reply)
+
     def _stop_timers(self) -> None:
-        self._stop_watching()
+        self._end()
         if self._heartbeat is not None and self._heartbeat.active():
             self._heartbeat.cancel()
         self._heartbeat = None
@@ -332,21 +376,69 @@ class ChatRelay(_Relay):
 
 class GenerateRelay(_Relay):
     """
-    Passes one Ollama ``/api/generate`` stream through, unchanged.
+    Passes one Ollama ``/api/generate`` stream through, byte for byte.
 
-    Ollama's own way to report a failure after the ``200`` is a last
-    ``{"error": ...}`` line; this relay does the same for failures of its own.
+    Lines are still read (for the counts, and to know how the stream ended),
+    but never changed.  Ollama's own way to report a failure after the
+    ``200`` is a last ``{"error": ...}`` line; this relay ends a stream that
+    broke off, or ended without its ``done`` line, the same way.
     """
 
-    def __init__(self, request: IRequest, *, ollama: OllamaClient, clock: IReactorTime, config: RelayConfig) -> None:
-        super().__init__(request, ollama=ollama, clock=clock, config=config)
+    def __init__(
+        self, request: IRequest, *, model: str | None, ollama: Balancer, clock: IReactorTime, config: RelayConfig
+    ) -> None:
+        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config)
+        self._splitter = sse.LineSplitter()
         self._ended_line = True
+        self.done = False
 
     def _on_data(self, data: bytes) -> None:
         self._heard()
         self._request.write(data)
-        self.frames += data.count(b"\n")
+        self.bytes += len(data)
         self._ended_line = data.endswith(b"\n")
+        try:
+            for line in self._splitter.feed(data):
+                self._on_line(line)
+        except ValueError as e:  # LineTooLong
+            assert self._body is not None
+            self._body.abort(e)
+
+    def _on_line(self, line: bytes) -> None:
+        self.frames += 1
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            return  # passed through as it came; the client parses it
+        if isinstance(obj, dict):
+            if "error" in obj:
+                self.error_kind = "error"  # Ollama's own error line, already relayed
+            self.done = self.done or obj.get("done") is True
+
+    async def _relay(self, body: bytes) -> bytes | None:
+        request = self._request
+        try:
+            response = await self._open("/api/generate", body)
+        except OllamaHTTPError as error:
+            self.error_kind = error.kind
+            request.setResponseCode(error.status)
+            request.setHeader(b"content-type", error.content_type)
+            return error.body
+        request.setHeader(b"content-type", b"application/x-ndjson")
+        request.write(b"")
+        try:
+            await self._read(response, self._on_data)
+        except (CancelledError, ValueError):
+            raise
+        except Exception as e:  # the connection broke: ResponseFailed and kin
+            if not self.done:
+                raise Truncated(f"Ollama's stream broke off: {describe_failure(e)}") from None
+        rest = self._splitter.flush()
+        if rest:
+            self._on_line(rest)  # a last line without "\n" (stream: false)
+        if not (self.done or self.error_kind):
+            raise Truncated("Ollama's stream ended before its last line (truncated)")
+        return None
 
     async def run(self, body: bytes) -> bytes | None:
         """
@@ -358,35 +450,23 @@ class GenerateRelay(_Relay):
         request = self._request
         try:
             try:
-                response = await self._open("/api/generate", body)
-                if response.code != 200:
-                    error = await self._wait(ensureDeferred(self._ollama.read_error(response)))
-                    self.outcome = "error"
-                    request.setResponseCode(error.status)
-                    request.setHeader(b"content-type", error.content_type)
-                    return error.body
-                request.setHeader(b"content-type", b"application/x-ndjson")
-                request.write(b"")
-                await self._read(response, self._on_data)
+                answer = await self._relay(body)
             except CancelledError:
                 self._check_abort()
         except CancelledError:
             self.outcome = "client left"
             raise
         except Exception as e:
+            self.outcome, self.error_kind = "error", error_kind(e)
             if not request.startedWriting:  # type: ignore[attr-defined]
                 raise
-            self.outcome = "error"
-            message = f"Ollama's stream broke off: {describe_failure(e)}"
-            if isinstance(e, (OllamaError, ValueError)):
-                message = _describe(e)
-            line = json.dumps({"error": message}).encode()
+            line = json.dumps({"error": _describe(e)}).encode()
             request.write((b"" if self._ended_line else b"\n") + line + b"\n")
-        else:
-            self.outcome = "done"
+            return None
         finally:
-            self._stop_watching()
-        return None
+            self._end()
+        self.outcome = "error" if self.error_kind else "done"
+        return answer
 
 
 def _describe(error: BaseException) -> str:

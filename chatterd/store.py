@@ -29,6 +29,7 @@ from twisted.internet.defer import (
     DeferredLock,
     ensureDeferred,
     fail,
+    gatherResults,
     succeed,
 )
 from twisted.internet.error import ConnectionClosed
@@ -136,9 +137,15 @@ class IChattStore(Interface):
         Cancelling the wait leaves nothing locked.
         """
 
-    def unlock_appid(appid: str) -> None:
+    def unlock_appid(appid: str) -> Deferred[None]:
         """
-        Give ``appid``'s lock back (in the background).
+        Give ``appid``'s lock back.  Never fails: if the database went away,
+        the lock went with the connection that held it.
+        """
+
+    def ping() -> Deferred[None]:
+        """
+        Run a trivial query: is the database there?
         """
 
 
@@ -381,6 +388,8 @@ class PostgresChattStore(Service):
 
     :param dsn: a libpq connection string, or a callable returning one once the
         service starts (the embedded server's address is known only then).
+    :param on_error: told the kind of every database failure
+        (``unavailable``, ``too_long``, ``other``), for metrics.
     """
 
     name = "store"
@@ -392,8 +401,10 @@ class PostgresChattStore(Service):
         reactor: IReactorTime,
         pool_size: int = 4,
         acquire_timeout: float = 10.0,
+        on_error: Callable[[str], object] = lambda kind: None,
     ) -> None:
         self._dsn = dsn
+        self._on_error = on_error
         self._reactor = reactor
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
@@ -412,15 +423,14 @@ class PostgresChattStore(Service):
         # appID locks live on a connection of their own: they are held for a
         # whole stream, which must not take a pool connection out of service
         self._locker = ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout)
-        self._locker.start()
-        self.started = ensureDeferred(self._start(self._pool))
+        self.started = ensureDeferred(self._start(self._pool, self._locker))
 
-    async def _start(self, pool: ConnectionPool) -> int:
+    async def _start(self, pool: ConnectionPool, locker: ConnectionPool) -> int:
         """
         Connect, then create the schema; a database that is down now is
         logged, not fatal: the pool reconnects and the schema follows.
         """
-        connected = await pool.start()
+        connected, _ = await gatherResults([pool.start(), locker.start()])
         if not connected:
             log.error(
                 "database unreachable at start; requests that need it get 503 "
@@ -468,16 +478,21 @@ class PostgresChattStore(Service):
                 await self._with_schema(c)
             return await getattr(c, method)(sql, params)
 
+        if self.started is not None and not self.started.called:
+            await _shield(self.started)  # requests that come while connecting wait for it
         try:
             return await (pool or self.pool).run(body)
         except StoreError:
             raise
         except (PoolTimeout, reconnection.ConnectionDead, psycopg2.OperationalError,
                 psycopg2.InterfaceError, ConnectionClosed) as e:
+            self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
         except psycopg2.errors.StringDataRightTruncation as e:
+            self._on_error("too_long")
             raise ValueTooLong("a value is too long for its column") from e
         except Exception as e:
+            self._on_error("other")
             log.failure("database error", Failure())
             raise StoreError("database error") from e
 
@@ -505,6 +520,9 @@ class PostgresChattStore(Service):
     def replace_history(self, appid: str, messages: Sequence[Message]) -> Deferred[None]:
         return self._call("runOperation", _DELETE + _INSERT_MANY, _many(appid, messages))
 
+    def ping(self) -> Deferred[None]:
+        return self._call("runQuery", "SELECT 1", {}).addCallback(lambda _: None)
+
     def lock_appid(self, appid: str, timeout: float) -> Deferred[None]:
         return ensureDeferred(self._lock(appid, timeout))
 
@@ -518,7 +536,7 @@ class PostgresChattStore(Service):
                 [(taken,)] = await _shield(attempt)
             except CancelledError:
                 # the caller gave up while the query ran: undo what it took
-                attempt.addCallback(lambda rows: rows[0][0] and self.unlock_appid(appid))
+                attempt.addCallback(lambda rows: self.unlock_appid(appid) if rows[0][0] else None)
                 attempt.addErrback(lambda _: None)
                 raise
             if taken:
@@ -528,7 +546,7 @@ class PostgresChattStore(Service):
             await deferLater(self._reactor, pause)
             pause = min(pause * 2, 0.5)
 
-    def unlock_appid(self, appid: str) -> None:
+    def unlock_appid(self, appid: str) -> Deferred[None]:
         params = {"class": _LOCK_CLASS, "appid": appid}
-        d = ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker))
-        d.addErrback(lambda f: log.debug("appID unlock failed (the lock went with its connection): {f}", f=f))
+        d = _shield(ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker)))
+        return d.addCallbacks(lambda _: None, lambda f: None)

@@ -22,9 +22,11 @@ from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.iweb import IRequest
 
 from chatterd.store import IChattStore
 
@@ -90,6 +92,26 @@ class KeyedLock:
             del self._locks[key]
 
 
+class Slot:
+    """
+    One admitted request's place: what shutdown ends when the grace period
+    is over, whether it is still waiting for its turn or already streaming.
+    """
+
+    def __init__(self) -> None:
+        self.stream: Abortable | None = None
+        self.waiting: Deferred[Any] | None = None
+        self.aborted = False
+        self.ended: Deferred[None] = Deferred()
+
+    def abort(self, reason: BaseException) -> None:
+        self.aborted = True
+        if self.stream is not None:
+            self.stream.abort(reason)
+        elif self.waiting is not None:
+            self.waiting.cancel()
+
+
 class Streams(Service):
     """
     Keeps count of running streams, gives each appID its turn, and drains
@@ -118,24 +140,23 @@ class Streams(Service):
         self.max_streams = max_streams
         self.grace = grace
         self.lock_wait = lock_wait
-        self._admitted = 0
-        self._running: dict[Abortable, Deferred[None]] = {}
+        self._slots: set[Slot] = set()
         self._turns = KeyedLock()
         self._draining = False
 
     @property
     def active(self) -> int:
         """
-        Streams admitted and not yet ended (including those waiting for a turn).
+        Requests admitted and not yet ended (including those waiting for a turn).
         """
-        return self._admitted
+        return len(self._slots)
 
     @property
     def streams(self) -> list[Abortable]:
         """
         The streams running now.
         """
-        return list(self._running)
+        return [slot.stream for slot in self._slots if slot.stream is not None]
 
     @property
     def waiting_appids(self) -> int:
@@ -147,64 +168,69 @@ class Streams(Service):
     # --- admission and turns ---
 
     @asynccontextmanager
-    async def admitted(self) -> AsyncIterator[None]:
+    async def admitted(self, request: IRequest | None = None) -> AsyncIterator[Slot]:
         """
-        Hold one of ``max_streams`` places for the duration.
+        Hold one of ``max_streams`` places for the duration; put the stream
+        in the slot once it exists, so that shutdown can end it.
 
+        :param request: the slot ends once this request has finished (its
+            last bytes written), not merely when the handler returns.
         :raises Busy: if all are taken, or chatterd is shutting down.
         """
         if self._draining:
-            raise Busy("chatterd is restarting, try again shortly", retry_after=5)
-        if self._admitted >= self.max_streams:
+            raise _restarting()
+        if len(self._slots) >= self.max_streams:
             raise Busy(f"chatterd is at its limit of {self.max_streams} streams, try again shortly", retry_after=2)
-        self._admitted += 1
+        slot = Slot()
+        self._slots.add(slot)
+        # asked now: notifyFinish() asked after the request ended never fires
+        finished = request.notifyFinish() if request is not None else succeed(None)
+        finished.addErrback(lambda _: None)
         try:
-            yield
+            yield slot
         finally:
-            self._admitted -= 1
+            self._slots.discard(slot)
+            finished.addCallback(lambda _: slot.ended.callback(None))
 
     @asynccontextmanager
-    async def turn(self, appid: str) -> AsyncIterator[None]:
+    async def turn(self, appid: str, slot: Slot | None = None) -> AsyncIterator[None]:
         """
         Wait until no other stream of ``appid`` runs, in this process or any
         other sharing the database, and keep the turn for the duration.
 
-        :raises Busy: if the turn does not come within ``lock_wait`` seconds.
+        :param slot: the request's slot, if admitted (shutdown ends the wait).
+        :raises Busy: if the turn does not come within ``lock_wait`` seconds,
+            or chatterd started shutting down meanwhile.
         """
         waiting = self._turns.acquire(appid)
         timer = self._clock.callLater(self.lock_wait, waiting.cancel)
+        if slot is not None:
+            slot.waiting = waiting
         try:
             await waiting
         except CancelledError:
+            if slot is not None and slot.aborted:
+                raise _restarting() from None
             if timer.active():
                 raise  # the client left while waiting
             raise Busy("an earlier request for this appID is still streaming", retry_after=10) from None
         finally:
             if timer.active():
                 timer.cancel()
+            if slot is not None:
+                slot.waiting = None
         try:
+            if self._draining and slot is not None:
+                raise _restarting()
             await self._store.lock_appid(appid, self.lock_wait)
             try:
                 yield
             finally:
-                self._store.unlock_appid(appid)
+                await self._store.unlock_appid(appid)
         finally:
             self._turns.release(appid)
 
-    # --- running streams ---
-
-    @asynccontextmanager
-    async def tracking(self, stream: Abortable) -> AsyncIterator[None]:
-        """
-        Track ``stream`` for the duration, so that shutdown can end it.
-        """
-        ended: Deferred[None] = Deferred()
-        self._running[stream] = ended
-        try:
-            yield
-        finally:
-            del self._running[stream]
-            ended.callback(None)
+    # --- shutdown ---
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -212,17 +238,23 @@ class Streams(Service):
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
-        if not self._running:
+        if not self._slots:
             return
-        log.info("waiting up to {grace:g} s for {n} streams to finish", grace=self.grace, n=len(self._running))
-        await _within(DeferredList(list(self._running.values())), self.grace, self._clock)
-        if self._running:
-            log.warn("ending {n} streams still running after the grace period", n=len(self._running))
-            ended = list(self._running.values())
-            for stream in list(self._running):
-                stream.abort(ShuttingDown("chatterd is shutting down; the reply was cut short"))
-            await DeferredList(ended)
+        log.info("waiting up to {grace:g} s for {n} streams to finish", grace=self.grace, n=len(self._slots))
+        ended = DeferredList([slot.ended for slot in self._slots])
+        await _within(ended, self.grace, self._clock)
+        if self._slots:
+            log.warn("ending {n} streams still running after the grace period", n=len(self._slots))
+            for slot in list(self._slots):
+                slot.abort(ShuttingDown("chatterd is shutting down; the reply was cut short"))
+        await ended
+        # The last frames are written but may sit in transport buffers, and
+        # the reactor drops those when it stops: give them a moment to go.
+        await deferLater(self._clock, 0.1, lambda: None)
 
+
+def _restarting() -> Busy:
+    return Busy("chatterd is restarting, try again shortly", retry_after=5)
 
 
 def _within(d: Deferred[Any], seconds: float, clock: IReactorTime) -> Deferred[None]:

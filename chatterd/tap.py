@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
+from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
@@ -31,6 +32,8 @@ from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import tls
+from chatterd.balancer import Balancer
+from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaClient
 from chatterd.relay import RelayConfig
 from chatterd.store import PostgresChattStore
@@ -88,7 +91,6 @@ class Options(usage.Options):
 
     optParameters = [
         ["certs", None, "certs", "Directory of chatterd.crt and chatterd.key (made if missing)."],
-        ["ollama", None, None, "Ollama's URL [default: $OLLAMA_HOST or http://localhost:11434]."],
         ["database", None, None, "libpq connection string [default: an embedded PostgreSQL]."],
         ["data-dir", None, None,
          "Embedded PostgreSQL's directory [default: /var/lib/chatterd as root, "
@@ -117,12 +119,29 @@ class Options(usage.Options):
          _positive(float, "request-timeout")],
         ["idle-timeout", None, 60.0, "Seconds an idle connection stays open.",
          _positive(float, "idle-timeout")],
+        ["metrics", None, None,
+         "Serve Prometheus metrics on this endpoint, e.g. tcp:9100:interface=127.0.0.1 [default: off]."],
+        ["tags-refresh", None, 60.0, "Seconds between refreshes of each Ollama server's model list.",
+         _positive(float, "tags-refresh")],
+        ["log-format", None, "text", "Log lines as text or json (one object per line)."],
+    ]
+
+    optFlags = [
+        ["log-content", None, "Log prompts and replies (users' conversations: for debugging only)."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
         self["cert-name"] = []
+        self["ollama"] = []
+
+    def opt_ollama(self, url: str) -> None:
+        """
+        An Ollama server's URL (repeatable: requests are spread over them)
+        [default: $OLLAMA_HOST or http://localhost:11434].
+        """
+        self["ollama"].append(ollama_url(url))
 
     def opt_listen(self, description: str) -> None:
         """
@@ -143,7 +162,13 @@ class Options(usage.Options):
         for description in self["listen"]:
             if not description.partition(":")[1]:
                 raise usage.UsageError(f"--listen: not an endpoint description: {description!r}")
-        self["ollama"] = ollama_url(self["ollama"] or os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)
+        if not self["ollama"]:
+            self["ollama"] = [ollama_url(os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)]
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format: text or json, not {self['log-format']!r}")
+        if self["log-format"] == "json" and self.parent is not None:
+            # under twistd: its own --logger option, read before it starts logging
+            self.parent["logger"] = "chatterd.logs.json_observer"
 
 
 def _needs_generated_certificate(description: str) -> bool:
@@ -229,8 +254,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         dsn = embedded.get_dsn
         announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
 
+    metrics = Metrics()
     store = PostgresChattStore(
-        dsn, reactor=reactor, pool_size=options["db-pool-size"], acquire_timeout=options["db-wait"]
+        dsn,
+        reactor=reactor,
+        pool_size=options["db-pool-size"],
+        acquire_timeout=options["db-wait"],
+        on_error=metrics.database_error,
     )
     store.setServiceParent(parent)
 
@@ -239,8 +269,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool._factory = _QuietClientFactory
     _HTTPPoolService(pool).setServiceParent(parent)
     http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
-    ollama = OllamaClient(http, options["ollama"])
-    announce.append(("Ollama: {url}", {"url": ollama.url}))
+    ollama = Balancer(
+        [OllamaClient(http, url) for url in options["ollama"]], clock=reactor, refresh=options["tags-refresh"]
+    )
+    ollama.setServiceParent(parent)
+    announce.append(("Ollama: {urls}", {"urls": ", ".join(options["ollama"])}))
 
     cert_path = Path(options["certs"]) / tls.CERT_FILE
     key_path = Path(options["certs"]) / tls.KEY_FILE
@@ -272,14 +305,24 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         first_byte_timeout=options["first-byte-timeout"],
         stall_timeout=options["stall-timeout"],
     )
-    app = ChatterApp(store=store, ollama=ollama, streams=streams, clock=reactor, relay=relay)
+    app = ChatterApp(
+        store=store,
+        ollama=ollama,
+        streams=streams,
+        clock=reactor,
+        relay=relay,
+        metrics=metrics,
+        log_content=options["log-content"],
+    )
     site = ChatterSite(
         app.resource(),
         clock=reactor,
         max_body=options["max-body"],
         request_timeout=options["request-timeout"],
         idle_timeout=options["idle-timeout"],
+        metrics=metrics,
     )
+    metrics.watch(streams=streams, store=store, ollama=ollama)
     for description in options["listen"]:
         try:
             endpoint = tls.server_endpoint(reactor, description, cert_path, key_path)
@@ -289,6 +332,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         listener._raiseSynchronously = True  # a failed bind aborts twistd, as strports does
         listener.setServiceParent(parent)
         announce.append(("listening on {listen}", {"listen": description}))
+    if options["metrics"]:
+        endpoint = endpoints.serverFromString(reactor, options["metrics"])
+        StreamServerEndpointService(endpoint, metrics.site()).setServiceParent(parent)
+        announce.append(("metrics on {listen}", {"listen": options["metrics"]}))
+    if options["log-content"]:
+        announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))
 
     _Announce(announce).setServiceParent(parent)
     return top
@@ -302,6 +351,8 @@ ENVIRONMENT = {
     "CHATTERD_DATA_DIR": "--data-dir",
     "CHATTERD_HEARTBEAT": "--heartbeat",
     "CHATTERD_MAX_BODY": "--max-body",
+    "CHATTERD_METRICS": "--metrics",
+    "CHATTERD_LOG_FORMAT": "--log-format",
 }
 
 
@@ -316,6 +367,9 @@ def options_from_environment(environ: Any) -> list[str]:
     for description in environ.get("CHATTERD_LISTEN", "").split():
         argv += ["--listen", description]
     for name, option in ENVIRONMENT.items():
-        if environ.get(name):
+        if name == "CHATTERD_OLLAMA":  # several URLs, separated by spaces
+            for url in environ.get(name, "").split():
+                argv += [option, url]
+        elif environ.get(name):
             argv += [option, environ[name]]
     return argv + shlex.split(environ.get("CHATTERD_ARGS", ""))

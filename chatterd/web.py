@@ -13,21 +13,25 @@ from __future__ import annotations
 
 import io
 import json
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import http, server
+from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from chatterd import api
 from chatterd.api import ClientError
-from chatterd.ollama import OllamaClient, OllamaError
+from chatterd.balancer import Balancer
+from chatterd.metrics import Metrics, route_of
+from chatterd.ollama import OllamaError
 from chatterd.relay import ChatRelay, GenerateRelay, OllamaTimeout, RelayConfig
 from chatterd.store import IChattStore, StoreError
 from chatterd.streams import Busy, Streams
@@ -65,17 +69,27 @@ class BoundedBody(io.BytesIO):
 class ChatterRequest(server.Request):
     """
     A request that logs one access line when it ends, however it ends.
+
+    :ivar refused: the channel answered it before it was complete (408, 413).
     """
+
+    refused = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._clock: IReactorTime = self.channel.site.clock
+        self._site: ChatterSite = self.channel.site
+        self._clock: IReactorTime = self._site.clock
         self.started_at = self._clock.seconds()
         self.notifyFinish().addBoth(self._log_access)
 
     def _log_access(self, result: object) -> None:
         duration = self._clock.seconds() - self.started_at
         left = isinstance(result, Failure)
+        metrics = self._site.metrics
+        if metrics is not None:
+            route = route_of(getattr(self, "path", None) or b"")
+            metrics.requests.labels(route, str(self.code)).inc()
+            metrics.duration.labels(route).observe(duration)
         log.info(
             "{method} {path} {status} {length}B {duration_ms:.1f}ms{left}",
             method=self.method.decode("ascii", "replace"),
@@ -83,7 +97,7 @@ class ChatterRequest(server.Request):
             status=self.code,
             length=self.sentLength,
             duration_ms=duration * 1000,
-            left=" (client left)" if left else "",
+            left=" (refused)" if self.refused else " (client left)" if left else "",
             client=str(self.getClientAddress()),
         )
 
@@ -149,15 +163,33 @@ class ChatterChannel(http.HTTPChannel):
     def _refuse(self, status: bytes, message: str) -> None:
         self._stop_deadline()
         self._refused = True
-        if self.requests:
-            self.requests[-1].setResponseCode(int(status[:3]))
+        if self.requests:  # for the access log
+            request = self.requests[-1]
+            request.refused = True
+            request.setResponseCode(int(status[:3]))
+            request.method = getattr(self, "_command", None) or request.method
+            request.uri = request.path = getattr(self, "_path", None) or request.uri
         self.transport.write(_raw_error(status, message))
         self.transport.loseConnection()
+        # TLS waits for the client's close_notify; a client that never sends
+        # one must not keep the connection for the whole idle timeout
+        self._deadline = self.callLater(5, self.transport.abortConnection)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+
+
+class _BadPath(resource.Resource):
+    """
+    A JSON 400 for a path that is not UTF-8.
+    """
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return json_body(request, {"error": "the path is not UTF-8 once percent-decoded"}, 400)
 
 
 def _channel(site: ChatterSite) -> http._GenericHTTPChannelProtocol:
@@ -176,6 +208,7 @@ class ChatterSite(server.Site):
     :param max_body: the largest request body, in bytes.
     :param request_timeout: seconds for a request's headers and body to arrive.
     :param idle_timeout: seconds an idle connection is kept open.
+    :param metrics: where requests are counted, if anywhere.
     """
 
     requestFactory = ChatterRequest
@@ -190,11 +223,26 @@ class ChatterSite(server.Site):
         max_body: int,
         request_timeout: float = 30.0,
         idle_timeout: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
-        super().__init__(resource, timeout=idle_timeout, reactor=clock)
+        # parsePOSTFormSubmission=False: bodies are JSON, never forms (Twisted
+        # would answer a malformed multipart body with a bare 400 itself)
+        super().__init__(resource, timeout=idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
+        self.metrics = metrics
         self.max_body = max_body
         self.request_timeout = request_timeout
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        """
+        The app, unless the path is not UTF-8 once unquoted: Klein would
+        answer that with an HTML page before any route or error handler runs.
+        """
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _BadPath()
+        return super().getResourceFor(request)
 
     def getContentFile(self, length: int | None) -> BoundedBody:
         return BoundedBody(self.max_body, length)
@@ -220,7 +268,7 @@ def json_body(request: IRequest, value: Any, status: int = 200) -> bytes:
     """
     Set a JSON answer's status and content type; return its body.
     """
-    request.setResponseCode(status)
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode())
     request.setHeader(b"content-type", b"application/json")
     return json.dumps(value).encode("utf-8")
 
@@ -287,10 +335,14 @@ class ChatterApp:
     chatterd's routes.
 
     :param store: where chatts live.
-    :param ollama: the Ollama client.
+    :param ollama: the Ollama servers.
     :param streams: admission, per-appID turns and shutdown of streams.
     :param clock: for heartbeats and timing.
     :param relay: timing of relayed streams.
+    :param metrics: where streams are counted.
+    :param log_content: log prompts and replies (users' conversations: off
+        unless debugging).
+    :param ready_timeout: seconds each ``/readyz`` check may take.
     """
 
     app = Klein()
@@ -299,19 +351,29 @@ class ChatterApp:
         self,
         *,
         store: IChattStore,
-        ollama: OllamaClient,
+        ollama: Balancer,
         streams: Streams,
         clock: IReactorTime,
         relay: RelayConfig = RelayConfig(),
+        metrics: Metrics | None = None,
+        log_content: bool = False,
+        ready_timeout: float = 2.0,
     ) -> None:
         self.store = store
         self.ollama = ollama
         self.streams = streams
         self.clock = clock
         self.relay = relay
+        self.metrics = metrics or Metrics()
+        self.log_content = log_content
+        self.ready_timeout = ready_timeout
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    # Werkzeug would answer "/getchatts//" with a redirect to "/getchatts/";
+    # chatterd never redirects: such a path is simply not found.
+    app.url_map.merge_slashes = False
 
     # --- errors ---
 
@@ -356,6 +418,31 @@ class ChatterApp:
         if request.startedWriting:
             return None
         return json_body(request, {"error": "internal error (see chatterd's log)"}, 500)
+
+    # --- health ---
+
+    @app.route("/healthz", methods=["GET"], strict_slashes=False)
+    def healthz(self, request: IRequest) -> bytes:
+        """
+        Liveness: the process answers.
+        """
+        return json_body(request, {"status": "ok"})
+
+    @app.route("/readyz", methods=["GET"], strict_slashes=False)
+    async def readyz(self, request: IRequest) -> bytes:
+        """
+        Readiness: the database answers a query and an Ollama server its
+        version, each within ``ready_timeout``; 503 says which part is down.
+        """
+        try:
+            await self.store.ping().addTimeout(self.ready_timeout, self.clock)
+            database = "ok"
+        except Exception as e:
+            database = f"down: {e}" if str(e) else "down: no answer"
+        ollama = await self.ollama.check()
+        ready = database == "ok" and "ok" in ollama.values()
+        body = {"status": "ready" if ready else "not ready", "database": database, "ollama": ollama}
+        return json_body(request, body, 200 if ready else 503)
 
     # --- the Chatter APIs ---
 
@@ -417,18 +504,23 @@ class ChatterApp:
         its answer as SSE.  Errors before the stream are JSON; after, frames.
         """
         chat = api.parse_chat(read_body(request))
-        async with self.streams.admitted(), self.streams.turn(chat.appid):
+        async with self.streams.admitted(request) as slot, self.streams.turn(chat.appid, slot):
             history = await self.store.append_and_load(chat.appid, chat.messages)
             relay = ChatRelay(
                 request,
                 appid=chat.appid,
+                model=chat.model,
                 store=self.store,
                 ollama=self.ollama,
                 clock=self.clock,
                 config=self.relay,
             )
-            async with self.streams.tracking(relay):
+            slot.stream = relay
+            try:
                 await relay.run(chat.ollama_body(history))
+            finally:
+                content = {"prompt": json.dumps(chat.messages), "reply": relay.reply} if self.log_content else {}
+                self._stream_ended("/llmchat", relay, appid=chat.appid, model=chat.model, **content)
 
     @app.route("/llmprompt", methods=["POST"], strict_slashes=False)
     async def llmprompt(self, request: IRequest) -> bytes | None:
@@ -436,8 +528,37 @@ class ChatterApp:
         Ollama's ``/api/generate``, proxied: its NDJSON streamed back as it
         comes, or its error status and body passed through.
         """
-        body = api.parse_generate(read_body(request))
-        async with self.streams.admitted():
-            relay = GenerateRelay(request, ollama=self.ollama, clock=self.clock, config=self.relay)
-            async with self.streams.tracking(relay):
+        model, body = api.parse_generate(read_body(request))
+        async with self.streams.admitted(request) as slot:
+            relay = slot.stream = GenerateRelay(
+                request, model=model, ollama=self.ollama, clock=self.clock, config=self.relay
+            )
+            try:
                 return await relay.run(body)
+            finally:
+                self._stream_ended("/llmprompt", relay, model=model)
+
+    def _stream_ended(self, route: str, relay: Any, **fields: Any) -> None:
+        """
+        One log line and the metrics for a stream that ended, however it ended.
+        """
+        if relay.outcome == "running":  # an exception escaped the relay: a bug
+            relay.outcome, relay.error_kind = "error", "internal"
+        self.metrics.stream_ended(route, relay)
+        text = "{route} stream {outcome}{kind}: "
+        if "appid" in fields:
+            text += "appID {appid}, "
+        text += "model {model}, {frames} frames, {bytes}B, {duration_ms:.0f}ms"
+        if self.log_content and "prompt" in fields:
+            text += ", prompt {prompt}, reply {reply!r}"
+        log.info(
+            text,
+            route=route,
+            outcome=relay.outcome,
+            kind=f" ({relay.error_kind})" if relay.error_kind else "",
+            error_kind=relay.error_kind,
+            frames=relay.frames,
+            bytes=relay.bytes,
+            duration_ms=(self.clock.seconds() - relay.started_at) * 1000,
+            **fields,
+        )

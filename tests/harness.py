@@ -16,6 +16,8 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
+from chatterd.balancer import Balancer
+from chatterd.metrics import Metrics
 from chatterd.ollama import BodyStream, OllamaClient
 from chatterd.relay import RelayConfig
 from chatterd.store import PostgresChattStore
@@ -101,22 +103,33 @@ class Chatterd:
         self,
         case: Any,
         *,
-        ollama: str,
+        ollama: str | list[str],
         dsn: str | None = None,
         relay: RelayConfig = RelayConfig(),
         streams: dict[str, Any] | None = None,
         site: dict[str, Any] | None = None,
+        app: dict[str, Any] | None = None,
+        balancer: dict[str, Any] | None = None,
         pool_size: int = 3,
     ) -> None:
         self.case = case
         self.dsn = dsn or pgcluster.fresh_database()
-        self.store = PostgresChattStore(self.dsn, reactor=reactor, pool_size=pool_size)
+        self.metrics = Metrics()
+        self.store = PostgresChattStore(
+            self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
+        )
         self.streams = Streams(store=self.store, clock=reactor, **(streams or {}))
         upstream = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        urls = [ollama] if isinstance(ollama, str) else ollama
+        self.ollama = Balancer([OllamaClient(upstream, url) for url in urls], clock=reactor, **(balancer or {}))
+        self.metrics.watch(streams=self.streams, store=self.store, ollama=self.ollama)
         self.app = ChatterApp(
-            store=self.store, ollama=OllamaClient(upstream, ollama), streams=self.streams, clock=reactor, relay=relay
+            store=self.store, ollama=self.ollama, streams=self.streams, clock=reactor, relay=relay,
+            metrics=self.metrics, **(app or {}),
         )
-        self.site = ChatterSite(self.app.resource(), clock=reactor, **{"max_body": 1024 * 1024, **(site or {})})
+        self.site = ChatterSite(
+            self.app.resource(), clock=reactor, metrics=self.metrics, **{"max_body": 1024 * 1024, **(site or {})}
+        )
         self._pool = HTTPConnectionPool(reactor, persistent=False)
         self.http = treq.client.HTTPClient(Agent(reactor, pool=self._pool))
 
@@ -125,6 +138,8 @@ class Chatterd:
         self.case.addCleanup(self.store.stopService)
         self.streams.startService()
         self.case.addCleanup(self.streams.stopService)
+        self.ollama.startService()
+        self.case.addCleanup(self.ollama.stopService)
         await self.store.started
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.case.addCleanup(self.port.stopListening)

@@ -192,7 +192,7 @@ class ChatFailureTests(LLMTestCase):
         prompt stays stored, no reply row.
         """
         url = f"http://127.0.0.1:{closed_port()}"
-        self.server.app.ollama.url = url
+        self.server.ollama.servers[0].client.url = url
         s = await self.stream(chat())
         message = await self.assertOneError(s, url)
         self.assertIn("cannot reach Ollama", message)
@@ -419,7 +419,7 @@ class LLMPromptTests(LLMTestCase):
         """
         No Ollama: a 502 JSON error naming it.
         """
-        self.server.app.ollama.url = f"http://127.0.0.1:{closed_port()}"
+        self.server.ollama.servers[0].client.url = f"http://127.0.0.1:{closed_port()}"
         s = await self.stream({"model": "llama3.2", "prompt": "Hi"}, "/llmprompt")
         self.assertEqual(s.response.code, 502)
         self.assertIn("cannot reach Ollama", json.loads(s.body)["error"])

@@ -15,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import treq
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from tests import pgcluster, tlsclient
-from tests.ollama_emulator import start_emulator
+from tests.harness import query
+from tests.ollama_emulator import Behaviour, start_emulator
 from tests.phone import read_as_phone
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +139,30 @@ class ServiceTests(TestCase):
         self.assertNotIn("DeprecationWarning", output)
         self.assertNotIn("Traceback", output)
 
+    async def test_sigterm_drains_streams_and_loses_nothing(self) -> None:
+        """
+        SIGTERM while a stream runs: chatterd waits the grace period, ends it
+        with an error frame, stores the partial reply, and exits cleanly.
+        """
+        dsn = pgcluster.fresh_database()
+        daemon = await self.start("--database", dsn, "--grace", "1")
+        self.emulator.models["stall"] = Behaviour(reply=["Part", "ial"], stall_after=1)
+        chat = {"appID": "app", "model": "stall", "messages": [{"role": "user", "content": "Hi"}]}
+        reply = Deferred.fromCoroutine(self.h2("/llmchat", method="POST", body=json.dumps(chat).encode()))
+        await self.emulator.when_stalled()
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        reply = await reply
+        self.assertGreaterEqual(time.monotonic() - started, 0.9)  # the grace period was given
+        view = read_as_phone(reply.body)
+        self.assertEqual(view.bubble.split("\n")[0], "Part")
+        self.assertEqual(len(view.errors), 1, daemon.output())
+        self.assertIn("shutting down", view.errors[0])
+        self.assertEqual(await deferToThread(daemon.process.wait, 30), -signal.SIGTERM)
+        self.assertEqual(query(dsn, "SELECT username, message FROM chatts ORDER BY seq"),
+                         [("user", "Hi"), ("assistant", "Part")])
+        self.assertEqual(await self.emulator.requests[-1].ended(), "client_left")
+
     async def test_embedded_database(self) -> None:
         """
         Without --database, chatterd runs its own PostgreSQL under --data-dir,
@@ -155,6 +182,24 @@ class ServiceTests(TestCase):
         reply = await self.h2("/getchatts")
         self.assertEqual([c[1] for c in json.loads(reply.body)], ["kept"])
         self.assertEqual(daemon.stop(), 0, daemon.output())
+
+    async def test_json_logs_and_metrics(self) -> None:
+        """
+        --log-format json makes every log line a JSON object; --metrics serves
+        Prometheus metrics on a listener of its own.
+        """
+        metrics = free_port()
+        daemon = await self.start("--database", pgcluster.fresh_database(), "--log-format", "json",
+                                  "--metrics", f"tcp:{metrics}:interface=127.0.0.1")
+        await self.h2("/")
+        response = await treq.get(f"http://127.0.0.1:{metrics}/metrics", persistent=False)
+        text = (await treq.content(response)).decode()
+        self.assertIn('chatterd_requests_total{route="/",status="200"} 1.0', text)
+        self.assertEqual(daemon.stop(), 0)
+        records = [json.loads(line) for line in daemon.output().splitlines()]
+        access = [r for r in records if r.get("path") == "/"]
+        self.assertEqual([(r["method"], r["status"]) for r in access], [("GET", 200)])
+        self.assertTrue(all({"time", "level", "namespace", "message"} <= set(r) for r in records))
 
     async def test_tac(self) -> None:
         """

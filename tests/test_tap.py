@@ -32,7 +32,7 @@ class OptionsTests(SynchronousTestCase):
         o = parse()
         self.assertEqual(o["listen"], ["ssl:443"])
         self.assertEqual(o["certs"], "certs")
-        self.assertEqual(o["ollama"], "http://localhost:11434")
+        self.assertEqual(o["ollama"], ["http://localhost:11434"])
         self.assertIsNone(o["database"])
         self.assertIsNone(o["data-dir"])
         self.assertEqual(o["heartbeat"], 15.0)
@@ -51,7 +51,7 @@ class OptionsTests(SynchronousTestCase):
         )
         self.assertEqual(o["listen"], ["ssl:8443:interface=127.0.0.1", "tcp:8080"])
         self.assertEqual(o["certs"], "/etc/chatterd")
-        self.assertEqual(o["ollama"], "http://gpu:11434")
+        self.assertEqual(o["ollama"], ["http://gpu:11434"])
         self.assertEqual(o["database"], "dbname=x")
         self.assertEqual(o["data-dir"], "/srv/chatterd")
         self.assertEqual(o["heartbeat"], 2.5)
@@ -63,8 +63,9 @@ class OptionsTests(SynchronousTestCase):
         ``$OLLAMA_HOST`` is the default Ollama, read as Ollama's tools read it.
         """
         self.patch(tap.os, "environ", {"OLLAMA_HOST": "0.0.0.0"})
-        self.assertEqual(parse()["ollama"], "http://127.0.0.1:11434")
-        self.assertEqual(parse("--ollama", "http://x:1")["ollama"], "http://x:1")
+        self.assertEqual(parse()["ollama"], ["http://127.0.0.1:11434"])
+        self.assertEqual(parse("--ollama", "http://x:1")["ollama"], ["http://x:1"])
+        self.assertEqual(parse("--ollama", "a", "--ollama", "b:1")["ollama"], ["http://a:11434", "http://b:1"])
 
     def test_ollama_urls(self) -> None:
         """
@@ -109,7 +110,7 @@ class EnvironmentTests(SynchronousTestCase):
         o = parse(*argv)
         self.assertEqual(o["listen"], ["ssl:8443", "tcp:8080"])
         self.assertEqual((o["certs"], o["ollama"], o["database"], o["data-dir"], o["heartbeat"]),
-                         ("/c", "http://o:1", "dbname=x user=y", "/d", 3.0))
+                         ("/c", ["http://o:1"], "dbname=x user=y", "/d", 3.0))
         self.assertEqual(o["cert-name"], ["1.2.3.4"])
 
     def test_empty_environment(self) -> None:
@@ -135,7 +136,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([(p[0], p[4]) for p in reactor.sslServers], [(8443, "127.0.0.1")])
         self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8080, "127.0.0.1")])
         [sequential] = service
-        self.assertEqual([s.name for s in sequential][:3], ["store", None, "streams"])
+        self.assertEqual([s.name for s in sequential][:4], ["store", None, "ollama", "streams"])
         self.flushLoggedErrors()
 
     def test_tcp_only_needs_no_certificate(self) -> None:
