@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
-from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import tls
@@ -36,9 +36,10 @@ from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaClient
 from chatterd.relay import RelayConfig
+from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
 from chatterd.streams import Streams
-from chatterd.web import ChatterApp, ChatterSite
+from chatterd.web import ChatterApp
 
 log = Logger()
 
@@ -245,7 +246,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         dsn: Any = options["database"]
         announce.append(("database: the configured DSN", {}))
     else:
-        from chatterd.pgembed import EmbeddedPostgres, EmbeddedPostgresService, default_base
+        from chatterd.pgembed import (
+            EmbeddedPostgres,
+            EmbeddedPostgresService,
+            default_base,
+        )
 
         base = default_base(options["data-dir"])
         embedded = EmbeddedPostgresService(EmbeddedPostgres(base))

@@ -20,9 +20,10 @@ from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
 from chatterd.ollama import BodyStream, OllamaClient
 from chatterd.relay import RelayConfig
+from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
 from chatterd.streams import Streams
-from chatterd.web import ChatterApp, ChatterSite
+from chatterd.web import ChatterApp
 from tests import pgcluster
 
 

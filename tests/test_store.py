@@ -14,7 +14,12 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
-from chatterd.store import IChattStore, PostgresChattStore, StoreUnavailable, ValueTooLong
+from chatterd.store import (
+    IChattStore,
+    PostgresChattStore,
+    StoreUnavailable,
+    ValueTooLong,
+)
 from tests import pgcluster
 from tests.harness import query
 
@@ -177,6 +182,18 @@ class OutageTests(TestCase):
     def tearDown(self) -> None:
         pgcluster.start()  # whatever happened, leave the cluster running
 
+    async def post_once_back(self, store: PostgresChattStore, message: str, within: float = 10.0) -> None:
+        """
+        Post a chatt, retrying while the store is unavailable, for at most ``within`` seconds.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            try:
+                return await store.post_chatt("u", message)
+            except StoreUnavailable:
+                self.assertLess(time.monotonic(), deadline, "the store did not recover")
+                await deferLater(reactor, 0.2)
+
     async def test_restart_recovers_without_a_restart_of_chatterd(self) -> None:
         """
         While PostgreSQL is down, calls fail fast with StoreUnavailable; once
@@ -194,14 +211,7 @@ class OutageTests(TestCase):
             await self.assertFailure(store.post_chatt("u", "during"), StoreUnavailable)
         self.assertLess(time.monotonic() - started, 5)
         pgcluster.start()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await store.post_chatt("u", "after")
-                break
-            except StoreUnavailable:
-                self.assertLess(time.monotonic(), deadline, "the store did not recover")
-                await deferLater(reactor, 0.2)
+        await self.post_once_back(store, "after")
         recovered = time.monotonic() - started
         self.assertEqual(query(dsn, "SELECT message FROM chatts ORDER BY seq"), [("before",), ("after",)])
         self.assertLess(recovered, 10)
@@ -220,13 +230,6 @@ class OutageTests(TestCase):
         self.assertEqual(await store.started, 0)
         await self.assertFailure(store.post_chatt("u", "m"), StoreUnavailable)
         pgcluster.start()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                await store.post_chatt("u", "m")
-                break
-            except StoreUnavailable:
-                self.assertLess(time.monotonic(), deadline, "the store did not recover")
-                await deferLater(reactor, 0.2)
+        await self.post_once_back(store, "m")
         self.assertEqual(query(dsn, "SELECT username, message FROM chatts"), [("u", "m")])
         self.flushLoggedErrors(psycopg2.OperationalError, psycopg2.InterfaceError)

@@ -177,7 +177,7 @@ class ChatterAPITests(TestCase):
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         await self.server.get("/")
-        events = [e for e in observer if e.get("log_namespace") == "chatterd.web" and "status" in e]
+        events = [e for e in observer if e.get("log_namespace") == "chatterd.site" and "status" in e]
         self.assertEqual(len(events), 1)
         event = events[0]
         self.assertEqual((event["method"], event["path"], event["status"]), ("GET", "/", 200))

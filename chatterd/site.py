@@ -1,0 +1,243 @@
+# -*- test-case-name: tests.test_hardening -*-
+"""
+chatterd's HTTP server below the routes: the site, its connections and requests.
+
+- ``ChatterSite``: bodies kept in memory up to ``--max-body``, never parsed
+  as forms, non-UTF-8 paths answered in JSON, the idle timeout.
+- ``ChatterChannel``: HTTP/1.1 with a deadline for a whole request (against
+  slowloris), an early ``413`` and capped headers.
+- ``ChatterRequest``: one access-log line (and the request metrics) per
+  request, however it ends.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.iweb import IRequest
+
+from chatterd.metrics import Metrics, route_of
+
+log = Logger()
+
+
+def json_body(request: IRequest, value: Any, status: int = 200) -> bytes:
+    """
+    Set a JSON answer's status and content type; return its body.
+    """
+    request.setResponseCode(status, HTTPStatus(status).phrase.encode())
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(value).encode("utf-8")
+
+
+class BoundedBody(io.BytesIO):
+    """
+    A request body kept in memory up to ``limit`` bytes; past that it is
+    dropped and ``too_large`` is set, so a route can answer ``413``.
+    """
+
+    def __init__(self, limit: int, declared: int | None) -> None:
+        super().__init__()
+        self.limit = limit
+        self.too_large = declared is not None and declared > limit
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if not self.too_large and self.tell() + len(data) > self.limit:
+            self.too_large = True
+            self.truncate(0)
+        if self.too_large:
+            return len(data)
+        return super().write(data)
+
+
+class ChatterRequest(server.Request):
+    """
+    A request that logs one access line when it ends, however it ends.
+
+    :ivar refused: the channel answered it before it was complete (408, 413).
+    """
+
+    refused = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._site: ChatterSite = self.channel.site
+        self._clock: IReactorTime = self._site.clock
+        self.started_at = self._clock.seconds()
+        self.notifyFinish().addBoth(self._log_access)
+
+    def _log_access(self, result: object) -> None:
+        duration = self._clock.seconds() - self.started_at
+        left = isinstance(result, Failure)
+        metrics = self._site.metrics
+        if metrics is not None:
+            route = route_of(getattr(self, "path", None) or b"")
+            metrics.requests.labels(route, str(self.code)).inc()
+            metrics.duration.labels(route).observe(duration)
+        log.info(
+            "{method} {path} {status} {length}B {duration_ms:.1f}ms{left}",
+            method=self.method.decode("ascii", "replace"),
+            path=self.uri.decode("ascii", "replace"),
+            status=self.code,
+            length=self.sentLength,
+            duration_ms=duration * 1000,
+            left=" (refused)" if self.refused else " (client left)" if left else "",
+            client=str(self.getClientAddress()),
+        )
+
+
+def _raw_error(status: bytes, message: str) -> bytes:
+    """
+    A whole HTTP/1.1 error response that closes the connection, for answers
+    given before (or instead of) a request object.
+    """
+    body = json.dumps({"error": message}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+class ChatterChannel(http.HTTPChannel):
+    """
+    HTTP/1.1 with limits against slow and oversized requests.
+
+    - A request's headers and body must arrive within the site's
+      ``request_timeout`` (Twisted's own timeout restarts with every byte,
+      so a client trickling one byte a minute would never hit it): ``408``.
+    - A ``Content-Length`` over the site's ``max_body`` is answered ``413``
+      at once, without reading the body.
+    - At most 100 headers and 16 KiB of them.
+    """
+
+    maxHeaders = 100
+    totalHeadersSize = 16384
+    _deadline: IDelayedCall | None = None
+    _refused = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._deadline is None and not self._handlingRequest:
+            self._deadline = self.callLater(self.site.request_timeout, self._too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        if self.length is not None and self.length > self.site.max_body:
+            self._refuse(b"413 Payload Too Large", f"the body is larger than {self.site.max_body} bytes")
+            return
+        super().allHeadersReceived()
+
+    def lineReceived(self, line: bytes) -> None:
+        if not self._refused:
+            super().lineReceived(line)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(b"408 Request Timeout", f"the request did not arrive within {self.site.request_timeout:g} s")
+
+    def _refuse(self, status: bytes, message: str) -> None:
+        self._stop_deadline()
+        self._refused = True
+        if self.requests:  # for the access log
+            request = self.requests[-1]
+            request.refused = True
+            request.setResponseCode(int(status[:3]))
+            request.method = getattr(self, "_command", None) or request.method
+            request.uri = request.path = getattr(self, "_path", None) or request.uri
+        self.transport.write(_raw_error(status, message))
+        self.transport.loseConnection()
+        # TLS waits for the client's close_notify; a client that never sends
+        # one must not keep the connection for the whole idle timeout
+        self._deadline = self.callLater(5, self.transport.abortConnection)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+
+class _BadPath(resource.Resource):
+    """
+    A JSON 400 for a path that is not UTF-8.
+    """
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return json_body(request, {"error": "the path is not UTF-8 once percent-decoded"}, 400)
+
+
+def _channel(site: ChatterSite) -> http._GenericHTTPChannelProtocol:
+    """
+    A connection's protocol: ``ChatterChannel``, or HTTP/2 if ALPN picks it.
+    """
+    return http._GenericHTTPChannelProtocol(ChatterChannel())
+
+
+class ChatterSite(server.Site):
+    """
+    A ``Site`` with chatterd's request and channel classes, body and time
+    limits, and no Common Log Format lines (``ChatterRequest`` logs through
+    ``twisted.logger``).
+
+    :param max_body: the largest request body, in bytes.
+    :param request_timeout: seconds for a request's headers and body to arrive.
+    :param idle_timeout: seconds an idle connection is kept open.
+    :param metrics: where requests are counted, if anywhere.
+    """
+
+    requestFactory = ChatterRequest
+    protocol = _channel
+    noisy = False  # no "Starting factory" lines
+
+    def __init__(
+        self,
+        resource: Any,
+        *,
+        clock: IReactorTime,
+        max_body: int,
+        request_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
+        metrics: Metrics | None = None,
+    ) -> None:
+        # parsePOSTFormSubmission=False: bodies are JSON, never forms (Twisted
+        # would answer a malformed multipart body with a bare 400 itself)
+        super().__init__(resource, timeout=idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
+        self.clock = clock
+        self.metrics = metrics
+        self.max_body = max_body
+        self.request_timeout = request_timeout
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        """
+        The app, unless the path is not UTF-8 once unquoted: Klein would
+        answer that with an HTML page before any route or error handler runs.
+        """
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return _BadPath()
+        return super().getResourceFor(request)
+
+    def getContentFile(self, length: int | None) -> BoundedBody:
+        return BoundedBody(self.max_body, length)
+
+    def log(self, request: server.Request) -> None:
+        pass
