@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from http.cookiejar import CookieJar
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from hyperlink import EncodedURL
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 #: The most of an error body chatterd reads from Ollama.
 MAX_ERROR_BODY = 64 * 1024
@@ -112,18 +117,95 @@ class BodyStream(Protocol):
             self.done.errback(reason)
 
 
+_JSON = {b"Content-Type": [b"application/json"]}
+
+
+@implementer(IBodyProducer)
+class _Body:
+    """
+    A request body written in one go (treq's default for bytes goes through
+    a cooperator task, a reactor turn per piece).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _NoCookies(CookieJar):
+    """
+    A cookie jar that keeps nothing: Ollama sets no cookies, and treq would
+    otherwise run urllib's cookie machinery on every request.
+    """
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
+class _ReadyURL(EncodedURL):
+    """
+    An address already in URI form: treq would otherwise parse and IDNA-check
+    it again on every request (a good part of treq's cost per request).
+    """
+
+    _text = ""
+
+    @classmethod
+    def of(cls, text: str) -> _ReadyURL:
+        url = cls.from_text(EncodedURL.from_text(text).to_uri().to_text())
+        url._text = url.to_text()
+        return url
+
+    def to_uri(self) -> _ReadyURL:
+        return self
+
+    def to_text(self, with_password: bool = False) -> str:
+        return self._text or super().to_text(with_password)
+
+
+def http_client(agent: Any) -> HTTPClient:
+    """
+    The treq client chatterd talks to Ollama with: no cookies.
+    """
+    return HTTPClient(agent, cookiejar=_NoCookies())
+
+
 class OllamaClient:
     """
     Talks to one Ollama server.
 
-    :param http: a treq ``HTTPClient`` (its agent's pool keeps connections
-        to Ollama open between requests).
+    :param http: a treq ``HTTPClient`` (see :func:`http_client`; its agent's
+        pool keeps connections to Ollama open between requests).
     :param url: Ollama's base URL, e.g. ``http://localhost:11434``.
     """
 
     def __init__(self, http: Any, url: str) -> None:
         self._http = http
         self.url = url.rstrip("/")
+        self._urls: dict[str, _ReadyURL] = {}
+
+    def _address(self, path: str) -> _ReadyURL:
+        text = self.url + path
+        url = self._urls.get(text)
+        if url is None:
+            url = self._urls[text] = _ReadyURL.of(text)
+        return url
 
     async def post(self, path: str, body: bytes) -> IResponse:
         """
@@ -135,10 +217,11 @@ class OllamaClient:
         url = self.url + path
         try:
             return await self._http.post(
-                url,
-                data=body,
-                headers={b"Content-Type": [b"application/json"]},
+                self._address(path),
+                data=_Body(body),
+                headers=_JSON,
                 unbuffered=True,
+                allow_redirects=False,
             )
         except CancelledError:
             raise
@@ -218,6 +301,10 @@ def error_text(body: bytes) -> str:
     return text[:500] or "(no error text)"
 
 
+#: ``json.loads`` without its per-call checks (Ollama's lines are UTF-8 text).
+_decode = json.JSONDecoder().decode
+
+
 def parse_chat_line(line: bytes) -> tuple[str, bool]:
     """
     Read one line of Ollama's ``/api/chat`` stream.
@@ -227,8 +314,8 @@ def parse_chat_line(line: bytes) -> tuple[str, bool]:
         a JSON object.
     """
     try:
-        obj = json.loads(line)
-    except ValueError:
+        obj = _decode(line.decode("utf-8"))
+    except ValueError:  # UnicodeDecodeError included
         raise OllamaError(f"Ollama sent a line that is not JSON: {_preview(line)}") from None
     if not isinstance(obj, dict):
         raise OllamaError(f"Ollama sent a line that is not a JSON object: {_preview(line)}")

@@ -101,6 +101,51 @@ def error_kind(error: BaseException) -> str:
     return "internal"
 
 
+class WriteBatcher:
+    """
+    Gathers what the streams write during one pass of the reactor and writes
+    it once per request at the end of the pass.
+
+    Ollama's lines arrive one callback each, often many per network read;
+    written one by one, each would cost a chunk header (HTTP/1.1) or a DATA
+    frame (HTTP/2) and the transport's bookkeeping.  A transport sends only
+    on the reactor's next pass anyway, so gathering until the end of this
+    one delays nothing.  One batcher serves every stream: at most one timer
+    per pass, not one per frame.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._pending: dict[IRequest, list[bytes]] = {}
+        self._call: IDelayedCall | None = None
+
+    def write(self, request: IRequest, data: bytes) -> None:
+        parts = self._pending.get(request)
+        if parts is not None:
+            parts.append(data)
+            return
+        self._pending[request] = [data]
+        if self._call is None:
+            self._call = self._clock.callLater(0, self._flush_all)
+
+    def flush(self, request: IRequest) -> None:
+        """
+        Write what ``request`` has pending now (before it is finished).
+        """
+        parts = self._pending.pop(request, None)
+        if parts is not None:
+            request.write(b"".join(parts))
+        if not self._pending and self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+    def _flush_all(self) -> None:
+        self._call = None
+        pending, self._pending = self._pending, {}
+        for request, parts in pending.items():
+            request.write(parts[0] if len(parts) == 1 else b"".join(parts))
+
+
 class _Relay:
     """
     What both relays share: waiting on upstream in a way that can be aborted,
@@ -111,11 +156,19 @@ class _Relay:
     error_kind: str | None = None
 
     def __init__(
-        self, request: IRequest, *, model: str | None, ollama: Balancer, clock: IReactorTime, config: RelayConfig
+        self,
+        request: IRequest,
+        *,
+        model: str | None,
+        ollama: Balancer,
+        clock: IReactorTime,
+        config: RelayConfig,
+        writer: WriteBatcher,
     ) -> None:
         self._request = request
         self._model = model
         self._ollama = ollama
+        self._writer = writer
         self._lease: Lease | None = None
         self._clock = clock
         self._config = config
@@ -241,8 +294,9 @@ class ChatRelay(_Relay):
         ollama: Balancer,
         clock: IReactorTime,
         config: RelayConfig,
+        writer: WriteBatcher,
     ) -> None:
-        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config)
+        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config, writer=writer)
         self._appid = appid
         self._store = store
         self._splitter = sse.LineSplitter()
@@ -254,7 +308,7 @@ class ChatRelay(_Relay):
     # --- writing ---
 
     def _write(self, data: bytes) -> None:
-        self._request.write(data)
+        self._writer.write(self._request, data)
         self.bytes += len(data)
         self._last_write = self._clock.seconds()
 
@@ -320,6 +374,12 @@ class ChatRelay(_Relay):
             request.setHeader(name, value)
         self._write(b"")  # send the headers now: the phone sees the 200 at once
         self._heartbeat = self._clock.callLater(self._config.heartbeat, self._beat)
+        try:
+            await self._stream(body)
+        finally:
+            self._writer.flush(request)  # before Klein finishes the request
+
+    async def _stream(self, body: bytes) -> None:
         error: BaseException | None = None
         try:
             try:
@@ -385,16 +445,23 @@ class GenerateRelay(_Relay):
     """
 
     def __init__(
-        self, request: IRequest, *, model: str | None, ollama: Balancer, clock: IReactorTime, config: RelayConfig
+        self,
+        request: IRequest,
+        *,
+        model: str | None,
+        ollama: Balancer,
+        clock: IReactorTime,
+        config: RelayConfig,
+        writer: WriteBatcher,
     ) -> None:
-        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config)
+        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config, writer=writer)
         self._splitter = sse.LineSplitter()
         self._ended_line = True
         self.done = False
 
     def _on_data(self, data: bytes) -> None:
         self._heard()
-        self._request.write(data)
+        self._writer.write(self._request, data)
         self.bytes += len(data)
         self._ended_line = data.endswith(b"\n")
         try:
@@ -453,6 +520,8 @@ class GenerateRelay(_Relay):
                 answer = await self._relay(body)
             except CancelledError:
                 self._check_abort()
+            finally:
+                self._writer.flush(request)
         except CancelledError:
             self.outcome = "client left"
             raise

@@ -68,6 +68,10 @@ class LineSplitter:
 
         :raises LineTooLong: if a line is longer than ``max_line``.
         """
+        if not self._partial and data.find(b"\n") == len(data) - 1 < self._max_line:
+            # the usual read: exactly one whole line (Ollama writes one per chunk)
+            line = data[:-1].rstrip(b"\r")
+            return [line] if line.strip() else []
         if self._partial:
             data = self._partial + data
         *lines, self._partial = data.split(b"\n")

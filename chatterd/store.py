@@ -15,6 +15,7 @@ the schema only adds what is missing.
 from __future__ import annotations
 
 import datetime
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -389,7 +390,7 @@ class PostgresChattStore(Service):
     :param dsn: a libpq connection string, or a callable returning one once the
         service starts (the embedded server's address is known only then).
     :param on_error: told the kind of every database failure
-        (``unavailable``, ``too_long``, ``other``), for metrics.
+        (``unavailable``, ``busy``, ``too_long``, ``other``), for metrics.
     """
 
     name = "store"
@@ -409,7 +410,7 @@ class PostgresChattStore(Service):
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
         self._pool: ConnectionPool | None = None
-        self._locker: ConnectionPool | None = None
+        self._lockers: list[ConnectionPool] = []
         self._schema_ready = False
         self._schema_lock = DeferredLock()
         self.started: Deferred[int] | None = None
@@ -420,17 +421,21 @@ class PostgresChattStore(Service):
         super().startService()
         dsn = self._dsn() if callable(self._dsn) else self._dsn
         self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout)
-        # appID locks live on a connection of their own: they are held for a
-        # whole stream, which must not take a pool connection out of service
-        self._locker = ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout)
-        self.started = ensureDeferred(self._start(self._pool, self._locker))
+        # appID locks live on connections of their own: they are held for a
+        # whole stream, which must not take a pool connection out of service.
+        # A session lock is given back on the connection that took it, so an
+        # appID always uses the same one (chosen by hash).
+        self._lockers = [
+            ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout) for _ in range(self._pool_size)
+        ]
+        self.started = ensureDeferred(self._start(self._pool, self._lockers))
 
-    async def _start(self, pool: ConnectionPool, locker: ConnectionPool) -> int:
+    async def _start(self, pool: ConnectionPool, lockers: list[ConnectionPool]) -> int:
         """
         Connect, then create the schema; a database that is down now is
         logged, not fatal: the pool reconnects and the schema follows.
         """
-        connected, _ = await gatherResults([pool.start(), locker.start()])
+        connected, *_ = await gatherResults([pool.start(), *(locker.start() for locker in lockers)])
         if not connected:
             log.error(
                 "database unreachable at start; requests that need it get 503 "
@@ -446,7 +451,7 @@ class PostgresChattStore(Service):
 
     def stopService(self) -> None:
         super().stopService()
-        for pool in (self._pool, self._locker):
+        for pool in [self._pool, *self._lockers]:
             if pool is not None:
                 pool.close()
 
@@ -484,7 +489,10 @@ class PostgresChattStore(Service):
             return await (pool or self.pool).run(body)
         except StoreError:
             raise
-        except (PoolTimeout, reconnection.ConnectionDead, psycopg2.OperationalError,
+        except PoolTimeout as e:
+            self._on_error("busy")
+            raise StoreUnavailable("the database is busy, try again shortly") from e
+        except (reconnection.ConnectionDead, psycopg2.OperationalError,
                 psycopg2.InterfaceError, ConnectionClosed) as e:
             self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
@@ -526,12 +534,15 @@ class PostgresChattStore(Service):
     def lock_appid(self, appid: str, timeout: float) -> Deferred[None]:
         return ensureDeferred(self._lock(appid, timeout))
 
+    def _locker(self, appid: str) -> ConnectionPool:
+        return self._lockers[zlib.crc32(appid.encode()) % len(self._lockers)]
+
     async def _lock(self, appid: str, timeout: float) -> None:
         params = {"class": _LOCK_CLASS, "appid": appid}
         deadline = self._reactor.seconds() + timeout
         pause = 0.02
         while True:
-            attempt = ensureDeferred(self._run("runQuery", _TRY_LOCK, params, pool=self._locker))
+            attempt = ensureDeferred(self._run("runQuery", _TRY_LOCK, params, pool=self._locker(appid)))
             try:
                 [(taken,)] = await _shield(attempt)
             except CancelledError:
@@ -548,5 +559,5 @@ class PostgresChattStore(Service):
 
     def unlock_appid(self, appid: str) -> Deferred[None]:
         params = {"class": _LOCK_CLASS, "appid": appid}
-        d = _shield(ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker)))
+        d = _shield(ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker(appid))))
         return d.addCallbacks(lambda _: None, lambda f: None)

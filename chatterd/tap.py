@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from treq.client import HTTPClient
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
@@ -34,7 +33,7 @@ from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from chatterd import tls
 from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
-from chatterd.ollama import OllamaClient
+from chatterd.ollama import OllamaClient, http_client
 from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
@@ -273,7 +272,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool.maxPersistentPerHost = 64
     pool._factory = _QuietClientFactory
     _HTTPPoolService(pool).setServiceParent(parent)
-    http = HTTPClient(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
+    http = http_client(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
     ollama = Balancer(
         [OllamaClient(http, url) for url in options["ollama"]], clock=reactor, refresh=options["tags-refresh"]
     )

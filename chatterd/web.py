@@ -28,7 +28,13 @@ from chatterd.api import ClientError
 from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaError
-from chatterd.relay import ChatRelay, GenerateRelay, OllamaTimeout, RelayConfig
+from chatterd.relay import (
+    ChatRelay,
+    GenerateRelay,
+    OllamaTimeout,
+    RelayConfig,
+    WriteBatcher,
+)
 from chatterd.site import json_body
 from chatterd.store import IChattStore, StoreError
 from chatterd.streams import Busy, Streams
@@ -150,6 +156,7 @@ class ChatterApp:
         self.metrics = metrics or Metrics()
         self.log_content = log_content
         self.ready_timeout = ready_timeout
+        self.writer = WriteBatcher(clock)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -297,6 +304,7 @@ class ChatterApp:
                 ollama=self.ollama,
                 clock=self.clock,
                 config=self.relay,
+                writer=self.writer,
             )
             slot.stream = relay
             try:
@@ -314,7 +322,7 @@ class ChatterApp:
         model, body = api.parse_generate(read_body(request))
         async with self.streams.admitted(request) as slot:
             relay = slot.stream = GenerateRelay(
-                request, model=model, ollama=self.ollama, clock=self.clock, config=self.relay
+                request, model=model, ollama=self.ollama, clock=self.clock, config=self.relay, writer=self.writer
             )
             try:
                 return await relay.run(body)

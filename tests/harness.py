@@ -18,7 +18,7 @@ from twisted.web.iweb import IResponse
 
 from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
-from chatterd.ollama import BodyStream, OllamaClient
+from chatterd.ollama import BodyStream, OllamaClient, http_client
 from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
@@ -112,6 +112,7 @@ class Chatterd:
         app: dict[str, Any] | None = None,
         balancer: dict[str, Any] | None = None,
         pool_size: int = 3,
+        connect_timeout: float | None = None,
     ) -> None:
         self.case = case
         self.dsn = dsn or pgcluster.fresh_database()
@@ -120,7 +121,9 @@ class Chatterd:
             self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
         )
         self.streams = Streams(store=self.store, clock=reactor, **(streams or {}))
-        upstream = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        upstream = http_client(
+            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=connect_timeout)
+        )
         urls = [ollama] if isinstance(ollama, str) else ollama
         self.ollama = Balancer([OllamaClient(upstream, url) for url in urls], clock=reactor, **(balancer or {}))
         self.metrics.watch(streams=self.streams, store=self.store, ollama=self.ollama)

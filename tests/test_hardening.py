@@ -183,6 +183,27 @@ class OllamaTimeoutTests(HardeningTestCase):
         self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Half", APP))
         self.assertEqual(await self.emulator.requests[0].ended(), "client_left")
 
+    async def test_connect_timeout(self) -> None:
+        """
+        An Ollama whose port takes no new connections (its accept queue is
+        full) is given up after the connect timeout: one error frame.
+        """
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        filler = socket.create_connection(("127.0.0.1", port))  # fills the queue of one
+        self.addCleanup(filler.close)
+        server = await Chatterd(self, ollama=f"http://127.0.0.1:{port}", connect_timeout=0.3).start()
+        started = time.monotonic()
+        s = await server.open("/llmchat", chat())
+        await s.done
+        error = self.error_of(s)
+        self.assertIn("cannot reach Ollama", error)
+        self.assertIn("timeout", error)
+        self.assertLess(time.monotonic() - started, 5)
+
     async def test_slow_model_loading_within_the_limit_is_fine(self) -> None:
         """
         A first byte that comes late but in time is no error.
