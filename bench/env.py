@@ -8,13 +8,11 @@ the end whatever happens.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,22 +20,13 @@ from typing import Any
 
 from bench import procs
 from bench.loadgen import Spec
+from tests import pgcluster
 
 BENCH_ROOT = Path(__file__).resolve().parent.parent
 #: Free space /dev/shm needs before the database goes there (1M rows take ~400 MB).
-_MIN_SHM = 2 << 30
-
-
 def scratch_dir(prefix: str) -> Path:
-    """A short new directory, on /dev/shm when it is a roomy tmpfs (as the tests do)."""
-    parent = "/tmp"
-    try:
-        st = os.statvfs("/dev/shm")
-        if st.f_bavail * st.f_frsize >= _MIN_SHM and os.access("/dev/shm", os.W_OK | os.X_OK):
-            parent = "/dev/shm"
-    except OSError:
-        pass
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    """A short new directory, on /dev/shm when it is a roomy tmpfs (as the tests' own)."""
+    return pgcluster.scratch_dir(prefix)
 
 
 class Database:

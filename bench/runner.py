@@ -19,7 +19,16 @@ from pathlib import Path
 from bench.env import BENCH_ROOT, Env
 from bench.profiles import profile_report
 from bench.report import Results, commit, machine, results_path, write_atomic
-from bench.scenarios import FULL, QUICK, ROUND_SCENARIOS, ROWS, SMOKE, TITLES, Sizes, warm
+from bench.scenarios import (
+    FULL,
+    QUICK,
+    ROUND_SCENARIOS,
+    ROWS,
+    SMOKE,
+    TITLES,
+    Sizes,
+    warm,
+)
 
 ALL = "abcdefg"
 #: Seconds kept back for scenario (g) when the rounds run long.

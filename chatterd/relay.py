@@ -146,6 +146,19 @@ class WriteBatcher:
             request.write(parts[0] if len(parts) == 1 else b"".join(parts))
 
 
+@dataclass(frozen=True)
+class Relaying:
+    """
+    What every relay works with: the Ollama servers, the clock, the timing,
+    and the write batcher all streams share.
+    """
+
+    ollama: Balancer
+    clock: IReactorTime
+    config: RelayConfig
+    writer: WriteBatcher
+
+
 class _Relay:
     """
     What both relays share: waiting on upstream in a way that can be aborted,
@@ -155,23 +168,14 @@ class _Relay:
     outcome = "running"
     error_kind: str | None = None
 
-    def __init__(
-        self,
-        request: IRequest,
-        *,
-        model: str | None,
-        ollama: Balancer,
-        clock: IReactorTime,
-        config: RelayConfig,
-        writer: WriteBatcher,
-    ) -> None:
+    def __init__(self, request: IRequest, relaying: Relaying, *, model: str | None) -> None:
         self._request = request
         self._model = model
-        self._ollama = ollama
-        self._writer = writer
+        self._ollama = relaying.ollama
+        self._writer = relaying.writer
+        self._clock = clock = relaying.clock
+        self._config = relaying.config
         self._lease: Lease | None = None
-        self._clock = clock
-        self._config = config
         self._current: Deferred[Any] | None = None
         self._abort_reason: BaseException | None = None
         self._body: BodyStream | None = None
@@ -285,18 +289,9 @@ class ChatRelay(_Relay):
     """
 
     def __init__(
-        self,
-        request: IRequest,
-        *,
-        appid: str,
-        model: str,
-        store: IChattStore,
-        ollama: Balancer,
-        clock: IReactorTime,
-        config: RelayConfig,
-        writer: WriteBatcher,
+        self, request: IRequest, relaying: Relaying, *, appid: str, model: str, store: IChattStore
     ) -> None:
-        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config, writer=writer)
+        super().__init__(request, relaying, model=model)
         self._appid = appid
         self._store = store
         self._splitter = sse.LineSplitter()
@@ -444,17 +439,8 @@ class GenerateRelay(_Relay):
     broke off, or ended without its ``done`` line, the same way.
     """
 
-    def __init__(
-        self,
-        request: IRequest,
-        *,
-        model: str | None,
-        ollama: Balancer,
-        clock: IReactorTime,
-        config: RelayConfig,
-        writer: WriteBatcher,
-    ) -> None:
-        super().__init__(request, model=model, ollama=ollama, clock=clock, config=config, writer=writer)
+    def __init__(self, request: IRequest, relaying: Relaying, *, model: str | None) -> None:
+        super().__init__(request, relaying, model=model)
         self._splitter = sse.LineSplitter()
         self._ended_line = True
         self.done = False

@@ -33,6 +33,7 @@ from chatterd.relay import (
     GenerateRelay,
     OllamaTimeout,
     RelayConfig,
+    Relaying,
     WriteBatcher,
 )
 from chatterd.site import json_body
@@ -152,11 +153,10 @@ class ChatterApp:
         self.ollama = ollama
         self.streams = streams
         self.clock = clock
-        self.relay = relay
         self.metrics = metrics or Metrics()
         self.log_content = log_content
         self.ready_timeout = ready_timeout
-        self.writer = WriteBatcher(clock)
+        self.relaying = Relaying(ollama, clock, relay, WriteBatcher(clock))
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -296,16 +296,7 @@ class ChatterApp:
         chat = api.parse_chat(read_body(request))
         async with self.streams.admitted(request) as slot, self.streams.turn(chat.appid, slot):
             history = await self.store.append_and_load(chat.appid, chat.messages)
-            relay = ChatRelay(
-                request,
-                appid=chat.appid,
-                model=chat.model,
-                store=self.store,
-                ollama=self.ollama,
-                clock=self.clock,
-                config=self.relay,
-                writer=self.writer,
-            )
+            relay = ChatRelay(request, self.relaying, appid=chat.appid, model=chat.model, store=self.store)
             slot.stream = relay
             try:
                 await relay.run(chat.ollama_body(history))
@@ -321,9 +312,7 @@ class ChatterApp:
         """
         model, body = api.parse_generate(read_body(request))
         async with self.streams.admitted(request) as slot:
-            relay = slot.stream = GenerateRelay(
-                request, model=model, ollama=self.ollama, clock=self.clock, config=self.relay, writer=self.writer
-            )
+            relay = slot.stream = GenerateRelay(request, self.relaying, model=model)
             try:
                 return await relay.run(body)
             finally:
