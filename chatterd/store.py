@@ -247,7 +247,13 @@ class _Detector(reconnection.DeadConnectionDetector):
     def stop(self) -> None:
         self.stopped = True
         if self._retry is not None and not self._retry.called:
-            self._retry.cancel()
+            try:
+                self._retry.cancel()
+            except psycopg2.Error:
+                # cancelling a connection attempt under way: psycopg2 refuses
+                # ("asynchronous connection attempt underway"); closing the
+                # connection, which the pool does next, ends it anyway
+                pass
 
 
 class PoolTimeout(Exception):
@@ -362,7 +368,11 @@ class ConnectionPool:
         for c in self._all:
             c.detector.stop()
             if c._connection is not None:
-                c.close()
+                try:
+                    c.close()
+                except psycopg2.Error:
+                    c.reactor.removeReader(c)  # whatever state it was in, it is gone
+                    c.reactor.removeWriter(c)
         while self._waiting:
             self._waiting.popleft().errback(StoreUnavailable("the store is stopped"))
 
