@@ -167,6 +167,9 @@ class _Relay:
 
     outcome = "running"
     error_kind: str | None = None
+    #: How a stream that stops short is reported (the two routes word it apart).
+    _broke_off = "Ollama's stream broke off"
+    _ended_early = "Ollama's stream ended before its last line (truncated)"
 
     def __init__(self, request: IRequest, relaying: Relaying, *, model: str | None) -> None:
         self._request = request
@@ -187,6 +190,8 @@ class _Relay:
         self.bytes = 0
         self.started_at = clock.seconds()
         self.first_byte_at: float | None = None
+        self._splitter = sse.LineSplitter()
+        self.done = False
         request.notifyFinish().addErrback(self._left)
 
     def _left(self, _: Failure) -> None:
@@ -272,6 +277,45 @@ class _Relay:
             if flow and self._request.channel is not None:  # type: ignore[attr-defined]
                 self._request.unregisterProducer()
 
+    def _pass_through(self, data: bytes) -> None:
+        """
+        What to do with the raw bytes of a read, before its lines (nothing).
+        """
+
+    def _on_line(self, line: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_data(self, data: bytes) -> None:
+        self._heard()
+        self._pass_through(data)
+        try:
+            for line in self._splitter.feed(data):
+                self._on_line(line)
+        except Exception as e:  # OllamaError, LineTooLong: end the stream with it
+            assert self._body is not None
+            self._body.abort(e)
+
+    async def _read_lines(self, response: IResponse) -> None:
+        """
+        Read Ollama's body to its end, line by line into ``_on_line``.
+
+        :raises Truncated: if it breaks off, or ends before its ``done`` line
+            (or, passed through, Ollama's own error line).
+        """
+        try:
+            await self._read(response, self._on_data)
+        except (CancelledError, OllamaError, ValueError):
+            raise
+        except Exception as e:  # the connection broke: ResponseFailed and kin
+            if self.done:
+                return
+            raise Truncated(f"{self._broke_off}: {describe_failure(e)}") from None
+        rest = self._splitter.flush()
+        if rest:
+            self._on_line(rest)  # a last line without "\n" (stream: false)
+        if not (self.done or self.error_kind):
+            raise Truncated(self._ended_early)
+
     def _end(self) -> None:
         """
         Stop the watchdog and give the server back.
@@ -288,17 +332,18 @@ class ChatRelay(_Relay):
     Relays one Ollama chat stream to one request as SSE, and stores the reply.
     """
 
+    _broke_off = "Ollama's stream broke off before its last message"
+    _ended_early = "Ollama's stream ended before its last message (truncated)"
+
     def __init__(
         self, request: IRequest, relaying: Relaying, *, appid: str, model: str, store: IChattStore
     ) -> None:
         super().__init__(request, relaying, model=model)
         self._appid = appid
         self._store = store
-        self._splitter = sse.LineSplitter()
         self._reply: list[str] = []
         self._heartbeat: IDelayedCall | None = None
         self._last_write = 0.0
-        self.done = False
 
     # --- writing ---
 
@@ -330,30 +375,8 @@ class ChatRelay(_Relay):
         self._reply.append(content)
         self.done = done
 
-    def _on_data(self, data: bytes) -> None:
-        self._heard()
-        try:
-            for line in self._splitter.feed(data):
-                self._on_line(line)
-        except Exception as e:  # OllamaError, LineTooLong: end the stream with it
-            assert self._body is not None
-            self._body.abort(e)
-
     async def _relay(self, body: bytes) -> None:
-        response = await self._open("/api/chat", body)
-        try:
-            await self._read(response, self._on_data)
-        except (CancelledError, OllamaError, ValueError):
-            raise
-        except Exception as e:  # the connection broke: ResponseFailed and kin
-            if self.done:
-                return
-            raise Truncated(f"Ollama's stream broke off before its last message: {describe_failure(e)}") from None
-        rest = self._splitter.flush()
-        if rest:
-            self._on_line(rest)  # a last line without "\n" (stream: false)
-        if not self.done:
-            raise Truncated("Ollama's stream ended before its last message (truncated)")
+        await self._read_lines(await self._open("/api/chat", body))
 
     # --- the whole stream ---
 
@@ -441,21 +464,12 @@ class GenerateRelay(_Relay):
 
     def __init__(self, request: IRequest, relaying: Relaying, *, model: str | None) -> None:
         super().__init__(request, relaying, model=model)
-        self._splitter = sse.LineSplitter()
         self._ended_line = True
-        self.done = False
 
-    def _on_data(self, data: bytes) -> None:
-        self._heard()
+    def _pass_through(self, data: bytes) -> None:
         self._writer.write(self._request, data)
         self.bytes += len(data)
         self._ended_line = data.endswith(b"\n")
-        try:
-            for line in self._splitter.feed(data):
-                self._on_line(line)
-        except ValueError as e:  # LineTooLong
-            assert self._body is not None
-            self._body.abort(e)
 
     def _on_line(self, line: bytes) -> None:
         self.frames += 1
@@ -479,18 +493,7 @@ class GenerateRelay(_Relay):
             return error.body
         request.setHeader(b"content-type", b"application/x-ndjson")
         request.write(b"")
-        try:
-            await self._read(response, self._on_data)
-        except (CancelledError, ValueError):
-            raise
-        except Exception as e:  # the connection broke: ResponseFailed and kin
-            if not self.done:
-                raise Truncated(f"Ollama's stream broke off: {describe_failure(e)}") from None
-        rest = self._splitter.flush()
-        if rest:
-            self._on_line(rest)  # a last line without "\n" (stream: false)
-        if not (self.done or self.error_kind):
-            raise Truncated("Ollama's stream ended before its last line (truncated)")
+        await self._read_lines(response)
         return None
 
     async def run(self, body: bytes) -> bytes | None:
