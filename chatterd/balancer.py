@@ -14,7 +14,7 @@ client.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import Service
@@ -48,7 +48,6 @@ class Server:
     in_flight: int = 0
     models: set[str] | None = None
     failed_at: float | None = None
-    last_error: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -62,9 +61,6 @@ class Server:
         Whether it failed less than ``cooldown`` seconds ago.
         """
         return self.failed_at is not None and now - self.failed_at < cooldown
-
-    def failed(self, now: float, error: str) -> None:
-        self.failed_at, self.last_error = now, error
 
 
 class Lease:
@@ -92,7 +88,7 @@ class Lease:
             try:
                 response = await server.client.post(path, body)
             except OllamaUnreachable as e:
-                server.failed(self._clock.seconds(), str(e))
+                server.failed_at = self._clock.seconds()
                 errors.append(str(e))
                 if len(self._candidates) > 1:
                     log.warn("{url} failed, trying the next server: {e}", url=server.url, e=e)
@@ -137,13 +133,6 @@ class Balancer(Service):
         self._loop = LoopingCall(self.refresh)
         self._loop.clock = clock
 
-    @property
-    def url(self) -> str:
-        """
-        The first server's URL (the only one, usually).
-        """
-        return self.servers[0].url
-
     def lease(self, model: str | None) -> Lease:
         """
         Servers for ``model``, best first: those that have it, not failing
@@ -185,7 +174,7 @@ class Balancer(Service):
             tags = await server.client.get_json("/api/tags", self._timeout)
             names = {model_key(m["name"]) for m in tags.get("models", []) if isinstance(m.get("name"), str)}
         except (OllamaError, AttributeError, TypeError) as e:
-            server.failed(self._clock.seconds(), str(e))
+            server.failed_at = self._clock.seconds()
             log.warn("could not list the models of {url}: {e}", url=server.url, e=e)
             return
         if names != server.models:

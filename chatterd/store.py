@@ -285,10 +285,6 @@ class ConnectionPool:
         self._closed = False
 
     @property
-    def size(self) -> int:
-        return len(self._all)
-
-    @property
     def in_use(self) -> int:
         return len(self._all) - len(self._idle)
 

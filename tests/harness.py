@@ -12,9 +12,11 @@ from typing import Any
 import psycopg2
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IConsumer
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from zope.interface import implementer
 
 from chatterd.balancer import Balancer
 from chatterd.metrics import Metrics
@@ -182,3 +184,26 @@ class Chatterd:
         if appid is ...:
             return query(self.dsn, "SELECT username, message, appid FROM chatts ORDER BY seq")
         return query(self.dsn, "SELECT username, message, appid FROM chatts WHERE appid = %s ORDER BY seq", (appid,))
+
+
+@implementer(IBodyProducer)
+class ChunkedBody:
+    """
+    A request body of unknown length, which the client sends chunked.
+    """
+
+    length = UNKNOWN_LENGTH
+
+    def __init__(self, parts: list[bytes]) -> None:
+        self.parts = parts
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        for part in self.parts:
+            consumer.write(part)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass

@@ -56,14 +56,11 @@ import psycopg2.extensions
 import treq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
-from tests.harness import Chatterd
+from tests.harness import Chatterd, ChunkedBody
 from tests.ollama_emulator import start_emulator
 from tests.phone import read_as_phone
 
@@ -632,29 +629,6 @@ def ollama_status(kind: str, body: dict[str, Any], known: Any) -> int:
 # --- the tests ------------------------------------------------------------------------
 
 
-@implementer(IBodyProducer)
-class ChunkedBody:
-    """
-    A request body of unknown length, which the client sends chunked.
-    """
-
-    length = UNKNOWN_LENGTH
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        for i in range(0, len(self.data), 1000):
-            consumer.write(self.data[i:i + 1000])
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class FuzzCase(TestCase):
     """
     chatterd with its store on a fresh database, seeded with ``SEEDS``, and the emulator as Ollama.
@@ -692,7 +666,7 @@ class FuzzCase(TestCase):
     async def exchange(self, case: Case) -> tuple[Any, bytes]:
         data: Any = case.body
         if case.body is not None and case.chunked:
-            data = ChunkedBody(case.body)
+            data = ChunkedBody([case.body[i:i + 1000] for i in range(0, len(case.body), 1000)])
         response = await self.server.http.request(
             case.method,
             self.server.url + case.path,

@@ -10,40 +10,14 @@ import json
 import uuid
 
 import treq
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import Deferred
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
-from zope.interface import implementer
 
 from chatterd import web
-from tests.harness import Chatterd
+from tests.harness import Chatterd, ChunkedBody
 from tests.ollama_emulator import closed_port
-
-
-@implementer(IBodyProducer)
-class ChunkedBody:
-    """
-    A request body of unknown length, which the client sends chunked.
-    """
-
-    length = UNKNOWN_LENGTH
-
-    def __init__(self, parts: list[bytes]) -> None:
-        self.parts = parts
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        for part in self.parts:
-            consumer.write(part)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class ChatterAPITests(TestCase):
