@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import endpoints, interfaces, ssl
 
+from chatterd.eager import listening_reactor
+
 CERT_FILE = "chatterd.crt"
 KEY_FILE = "chatterd.key"
 VALIDITY_DAYS = 825
@@ -311,9 +313,12 @@ def server_endpoint(
     ``ssl:`` descriptions are served with :func:`certificate_options`; one that
     names no ``privateKey`` uses ``cert_path``/``key_path``.  Any other
     description (``tcp:``, ``unix:``, ...) goes to ``serverFromString`` as is.
+    ``tcp:`` and ``ssl:`` listen with :class:`chatterd.eager.EagerPort`.
     """
     args, kwargs = parse_description(description)
     if args[0] != "ssl":
+        if args[0] == "tcp":
+            reactor = listening_reactor(reactor)
         return endpoints.serverFromString(reactor, description)
     for name, value in zip(_SSL_KEYS, args[1:]):
         kwargs.setdefault(name, value)
@@ -331,7 +336,7 @@ def server_endpoint(
         cert_path = Path(kwargs.get("certKey", kwargs["privateKey"]))
     options = certificate_options(cert_path, key_path, kwargs.get("extraCertChain"))
     return endpoints.SSL4ServerEndpoint(
-        reactor,
+        listening_reactor(reactor),
         int(kwargs["port"]),
         options,
         backlog=int(kwargs.get("backlog", 50)),
