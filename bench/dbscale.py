@@ -7,8 +7,9 @@ then ``rows`` chatts bulk-loaded with ``INSERT ... SELECT generate_series``:
 traffic would leave them (consecutive rows belong to different appIDs).
 Then, with psycopg2 on its own connection:
 
-- the per-appID history query ``/llmchat`` runs, for random appIDs;
-- ``/llmchat``'s insert-and-read statement, each in a rolled-back transaction;
+- the per-appID history read ``/llmchat`` runs, for random appIDs: the
+  statement that begins its turn (lock, insert, history) with no new message;
+- the same with one new message, each in a rolled-back transaction;
 
 and ``GET /getchatts`` of the whole table through a fresh chatterd, reading
 as fast as possible: time to first byte and the server's RSS growth.
@@ -37,12 +38,17 @@ SELECT CASE WHEN (i / %(apps)s) %% 2 = 0 THEN 'user' ELSE 'assistant' END,
 """
 
 
-def _sql() -> tuple[str, str, Any]:
-    """chatterd's own history and insert-and-read statements (copies if the names moved)."""
+def _sql() -> tuple[str, str, Any, str]:
+    """
+    chatterd's own statements: its history read, its insert-and-read, how it
+    fills in their parameters, and what ends a turn (the first two take the
+    appID's lock in the same statement, which each run then gives back).
+    Older chatterds (``--rev``) ran the history and insert without the lock.
+    """
     try:
-        from chatterd.store import _HISTORY, _INSERT_MANY, _many
+        from chatterd.store import _BEGIN_TURN, _UNLOCK, _many
 
-        return _HISTORY, _INSERT_MANY + _HISTORY, _many
+        return _BEGIN_TURN, _BEGIN_TURN, _many, _UNLOCK
     except ImportError:
         history = "SELECT username, message FROM chatts WHERE appid = %(appid)s ORDER BY seq;"
         insert = """
@@ -56,7 +62,7 @@ SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
             return {"appid": appid, "roles": [m["role"] for m in messages],
                     "contents": [m["content"] for m in messages]}
 
-        return history, insert + history, many
+        return history, insert + history, many, "SELECT 1;"
 
 
 def load_rows(dsn: str, rows: int, history: int) -> float:
@@ -84,7 +90,7 @@ def query_latency(dsn: str, apps: int, history: int, queries: int) -> tuple[list
     """
     import psycopg2
 
-    history_sql, append_sql, many = _sql()
+    history_sql, append_sql, many, unlock_sql = _sql()
     rng = random.Random(7)
     conn = psycopg2.connect(dsn)
     wrong = 0
@@ -96,11 +102,12 @@ def query_latency(dsn: str, apps: int, history: int, queries: int) -> tuple[list
             for i in range(queries + queries // 10):
                 appid = f"bench.g.{rng.randrange(apps)}"
                 t = time.perf_counter()
-                cur.execute(history_sql, {"appid": appid})
+                cur.execute(history_sql, many(appid, []))
                 got = cur.fetchall()
                 if i >= queries // 10:  # the first tenth warms the cache
                     hist.append((time.perf_counter() - t) * 1000)
                     wrong += len(got) != history
+                cur.execute(unlock_sql, many(appid, []))
         conn.autocommit = False
         with conn.cursor() as cur:
             for i in range(queries // 4 + 20):
@@ -110,6 +117,8 @@ def query_latency(dsn: str, apps: int, history: int, queries: int) -> tuple[list
                 cur.fetchall()
                 if i >= 20:
                     append.append((time.perf_counter() - t) * 1000)
+                conn.rollback()
+                cur.execute(unlock_sql, many(appid, []))  # a session lock outlives the rollback
                 conn.rollback()
     finally:
         conn.close()

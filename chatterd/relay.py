@@ -344,6 +344,7 @@ class ChatRelay(_Relay):
         self._reply: list[str] = []
         self._heartbeat: IDelayedCall | None = None
         self._last_write = 0.0
+        self.turn_ended = False
 
     # --- writing ---
 
@@ -383,8 +384,9 @@ class ChatRelay(_Relay):
     async def run(self, body: bytes) -> None:
         """
         Write the SSE headers, relay Ollama's answer to ``body``, store the
-        reply and return; on a client disconnect, re-raise ``CancelledError``
-        after storing what was received.
+        reply, end the appID's turn (``store.end_turn``) and return; on a
+        client disconnect, re-raise ``CancelledError`` after storing what was
+        received.
         """
         request = self._request
         request.setResponseCode(200)
@@ -407,7 +409,7 @@ class ChatRelay(_Relay):
         except CancelledError:
             self.outcome = "client left"
             self._stop_timers()
-            await self._store_reply(report=False)
+            await self._end_turn(report=False)
             raise
         except Exception as e:
             if not self.done:  # a failure after "done" changes nothing for the phone
@@ -421,19 +423,20 @@ class ChatRelay(_Relay):
             self._write(sse.error_frame(_describe(error)))
         else:
             self.outcome = "done"
-        await self._store_reply(report=error is None)
+        await self._end_turn(report=error is None)
 
-    async def _store_reply(self, *, report: bool) -> None:
+    async def _end_turn(self, *, report: bool) -> None:
         """
-        Store the reply: always after ``done``, otherwise only if some of it
-        arrived (the history then shows what the user saw).
+        Store the reply and end the appID's turn.  The reply is stored always
+        after ``done``, otherwise only if some of it arrived (the history then
+        shows what the user saw).
 
         :param report: write an error frame if storing fails.
         """
-        if not (self.done or self._reply):
-            return
+        reply = self.reply if (self.done or self._reply) else None
+        self.turn_ended = True
         try:
-            await self._store.add_reply(self._appid, self.reply)
+            await self._store.end_turn(self._appid, reply)
         except Exception as e:  # StoreError, or a bug: either way the stream must end cleanly
             log.error("could not store the reply for {appid}: {e}", appid=self._appid, e=e)
             if report:

@@ -115,33 +115,26 @@ class IChattStore(Interface):
         streams the table page by page).
         """
 
-    def append_and_load(appid: str, messages: Sequence[Message]) -> Deferred[list[Message]]:
+    def begin_turn(appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
         """
-        Store ``messages`` for ``appid`` and return its whole history, oldest
-        first, as one transaction.
-        """
-
-    def add_reply(appid: str, content: str) -> Deferred[None]:
-        """
-        Store the assistant's reply for ``appid``.
+        Take ``appid``'s turn (a lock shared by every process using this
+        database), store ``messages`` and return the whole history, oldest
+        first.  Waits at most ``timeout`` seconds for the turn (then
+        :class:`LockTimeout`, and nothing is stored).  On success the caller
+        must :meth:`end_turn`; on any failure nothing is held.
         """
 
-    def replace_history(appid: str, messages: Sequence[Message]) -> Deferred[None]:
+    def end_turn(appid: str, reply: str | None) -> Deferred[None]:
         """
-        Delete ``appid``'s rows and store ``messages`` instead, as one transaction.
-        """
-
-    def lock_appid(appid: str, timeout: float) -> Deferred[None]:
-        """
-        Take ``appid``'s lock, shared by every process using this database,
-        waiting at most ``timeout`` seconds (then :class:`StoreUnavailable`).
-        Cancelling the wait leaves nothing locked.
+        Store the assistant's ``reply`` (if not ``None``), then give ``appid``'s
+        turn back.  The turn is given back even if storing fails (which then
+        fails the Deferred).
         """
 
-    def unlock_appid(appid: str) -> Deferred[None]:
+    def replace_history(appid: str, messages: Sequence[Message], timeout: float) -> Deferred[None]:
         """
-        Give ``appid``'s lock back.  Never fails: if the database went away,
-        the lock went with the connection that held it.
+        In ``appid``'s turn (waiting as :meth:`begin_turn` does), delete its
+        rows and store ``messages`` instead, as one transaction.
         """
 
     def ping() -> Deferred[None]:
@@ -184,14 +177,6 @@ CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
 """
 
 # ``id`` and ``time`` are given explicitly: a course table may lack defaults.
-_INSERT_MANY = """
-INSERT INTO chatts (username, message, id, time, appid)
-SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
-  FROM unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(r, m, n)
- ORDER BY n;
-"""
-_HISTORY = "SELECT username, message FROM chatts WHERE appid = %(appid)s ORDER BY seq;"
-_DELETE = "DELETE FROM chatts WHERE appid = %(appid)s;"
 _INSERT_ONE = """
 INSERT INTO chatts (username, message, id, time, appid)
 VALUES (%(username)s, %(message)s, gen_random_uuid(), clock_timestamp(), %(appid)s);
@@ -202,15 +187,65 @@ SELECT username, message, id::text, time, seq FROM chatts
 """
 
 
-# Session-level advisory locks, keyed (class, hash of appID).  A hash collision
-# makes two appIDs share a lock: harmless, they only take turns.
+# An appID's turn across processes is a session-level advisory lock, keyed
+# (class, hash of appID), taken in the same statement as the first write of the
+# turn and given back after its last (commit first, so that the next turn sees
+# it).  A hash collision makes two appIDs share a lock: harmless, they only take
+# turns.  A failed attempt leaves no rows; a statement that fails after taking
+# the lock leaves it held (session locks ignore rollback), so it is given back.
 _LOCK_CLASS = 1667788099
-_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s));"
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s)) AS taken"
 _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
+
+#: The new messages, in order, if the turn was taken (part of a ``WITH``).
+_ADD_IN_TURN = """
+    INSERT INTO chatts (username, message, id, time, appid)
+    SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
+      FROM turn, unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(r, m, n)
+     WHERE turn.taken
+     ORDER BY n"""
+
+#: Take the turn, append the messages and read the history, in one round trip.
+#: Rows are (seq, role, content); a single row of NULLs means "not your turn".
+#: (The history is the rows there were plus those added: a statement does not
+#: see its own inserts.)
+_BEGIN_TURN = f"""
+WITH turn AS MATERIALIZED ({_TRY_LOCK}),
+added AS ({_ADD_IN_TURN}
+    RETURNING seq, username, message)
+SELECT seq, username, message FROM chatts, turn WHERE turn.taken AND appid = %(appid)s
+UNION ALL
+SELECT seq, username, message FROM added
+UNION ALL
+SELECT NULL, NULL, NULL FROM turn WHERE NOT turn.taken
+ORDER BY 1;
+"""
+
+#: ``/llmprep``: take the turn and replace the history; ``_UNLOCK`` follows.
+_REPLACE_IN_TURN = f"""
+WITH turn AS MATERIALIZED ({_TRY_LOCK}),
+gone AS (DELETE FROM chatts USING turn WHERE turn.taken AND appid = %(appid)s),
+added AS ({_ADD_IN_TURN})
+SELECT taken FROM turn;
+"""
+
+#: Store the reply, commit, then give the turn back, in one round trip.
+_END_TURN = "BEGIN;" + _INSERT_ONE + "COMMIT;" + _UNLOCK
+#: After a failed ``_END_TURN``: end its transaction and give the turn back.
+_ABANDON_TURN = "ROLLBACK;" + _UNLOCK
+
+
+def _taken_begin(rows: list[tuple[Any, ...]]) -> bool:
+    return rows != [(None, None, None)]
+
+
+def _taken_replace(rows: list[tuple[Any, ...]]) -> bool:
+    return bool(rows[0][0])
 
 
 def _many(appid: str, messages: Sequence[Message]) -> dict[str, Any]:
     return {
+        "class": _LOCK_CLASS,
         "appid": appid,
         "roles": [m["role"] for m in messages],
         "contents": [m["content"] for m in messages],
@@ -249,10 +284,11 @@ class _Detector(reconnection.DeadConnectionDetector):
         if self._retry is not None and not self._retry.called:
             try:
                 self._retry.cancel()
-            except psycopg2.Error:
-                # cancelling a connection attempt under way: psycopg2 refuses
-                # ("asynchronous connection attempt underway"); closing the
-                # connection, which the pool does next, ends it anyway
+            except Exception:
+                # cancelling an attempt under way: psycopg2 refuses ("asynchronous
+                # connection attempt underway"), or txpostgres raises its
+                # _CancelInProgress mid-poll; closing the connection, which the
+                # pool does next, ends it anyway
                 pass
 
 
@@ -485,8 +521,7 @@ class PostgresChattStore(Service):
         self, method: str, sql: str, params: dict[str, Any], *, pool: ConnectionPool | None = None
     ) -> Any:
         async def body(c: txpostgres.Connection) -> Any:
-            if pool is None:
-                await self._with_schema(c)
+            await self._with_schema(c)
             return await getattr(c, method)(sql, params)
 
         if self.started is not None and not self.started.called:
@@ -523,47 +558,75 @@ class PostgresChattStore(Service):
         d = self._call("runQuery", _PAGE, {"after": after, "limit": limit})
         return d.addCallback(lambda rows: [Chatt(*row) for row in rows])
 
-    def append_and_load(self, appid: str, messages: Sequence[Message]) -> Deferred[list[Message]]:
-        d = self._call("runQuery", _INSERT_MANY + _HISTORY, _many(appid, messages))
-        return d.addCallback(lambda rows: [{"role": r, "content": m} for r, m in rows])
+    def begin_turn(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
+        d = ensureDeferred(self._in_turn(appid, _BEGIN_TURN, _many(appid, messages), timeout, _taken_begin))
+        return d.addCallback(lambda rows: [{"role": r, "content": m} for _, r, m in rows])
 
-    def add_reply(self, appid: str, content: str) -> Deferred[None]:
-        params = {"username": "assistant", "message": content, "appid": appid}
-        return self._call("runOperation", _INSERT_ONE, params)
+    def end_turn(self, appid: str, reply: str | None) -> Deferred[None]:
+        return _shield(ensureDeferred(self._end_turn(appid, reply)))
 
-    def replace_history(self, appid: str, messages: Sequence[Message]) -> Deferred[None]:
-        return self._call("runOperation", _DELETE + _INSERT_MANY, _many(appid, messages))
+    async def _end_turn(self, appid: str, reply: str | None) -> None:
+        if reply is None:
+            await self._unlock(appid)
+            return
+        params = {"username": "assistant", "message": reply, "appid": appid, "class": _LOCK_CLASS}
+        try:
+            await self._run("runQuery", _END_TURN, params, pool=self._locker(appid))
+        except StoreError:
+            await self._unlock(appid, _ABANDON_TURN)
+            raise
+
+    def replace_history(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[None]:
+        async def replace() -> None:
+            await self._in_turn(appid, _REPLACE_IN_TURN, _many(appid, messages), timeout, _taken_replace)
+            await self._unlock(appid)
+
+        return _shield(ensureDeferred(replace()))
 
     def ping(self) -> Deferred[None]:
         return self._call("runQuery", "SELECT 1", {}).addCallback(lambda _: None)
 
-    def lock_appid(self, appid: str, timeout: float) -> Deferred[None]:
-        return ensureDeferred(self._lock(appid, timeout))
+    # --- turns ---
 
     def _locker(self, appid: str) -> ConnectionPool:
         return self._lockers[zlib.crc32(appid.encode()) % len(self._lockers)]
 
-    async def _lock(self, appid: str, timeout: float) -> None:
-        params = {"class": _LOCK_CLASS, "appid": appid}
+    async def _in_turn(
+        self, appid: str, sql: str, params: dict[str, Any], timeout: float, taken: Callable[[Any], bool]
+    ) -> Any:
+        """
+        Run ``sql``, which takes ``appid``'s lock and writes only if it got it,
+        until ``taken(rows)`` or ``timeout`` seconds have passed.  A failure, or
+        a caller that gives up meanwhile, leaves the lock given back.
+        """
         deadline = self._reactor.seconds() + timeout
         pause = 0.02
         while True:
-            attempt = ensureDeferred(self._run("runQuery", _TRY_LOCK, params, pool=self._locker(appid)))
+            attempt = ensureDeferred(self._run("runQuery", sql, params, pool=self._locker(appid)))
             try:
-                [(taken,)] = await _shield(attempt)
+                rows = await _shield(attempt)
             except CancelledError:
-                # the caller gave up while the query ran: undo what it took
-                attempt.addCallback(lambda rows: self.unlock_appid(appid) if rows[0][0] else None)
+                # the caller gave up while the statement ran: undo what it took
+                attempt.addCallback(lambda rows: self._unlock(appid) if taken(rows) else None)
                 attempt.addErrback(lambda _: None)
                 raise
-            if taken:
-                return
+            except StoreUnavailable:
+                raise  # it never ran, or its connection (and so the lock) is gone
+            except StoreError:
+                await self._unlock(appid)  # it may have failed after taking the lock
+                raise
+            if taken(rows):
+                return rows
             if self._reactor.seconds() + pause > deadline:
                 raise LockTimeout("another chatterd is still streaming for this appID")
             await deferLater(self._reactor, pause)
             pause = min(pause * 2, 0.5)
 
-    def unlock_appid(self, appid: str) -> Deferred[None]:
+    def _unlock(self, appid: str, sql: str = _UNLOCK) -> Deferred[None]:
+        """
+        Give ``appid``'s lock back.  Never fails: if the database went away,
+        the lock went with the connection that held it.
+        """
         params = {"class": _LOCK_CLASS, "appid": appid}
-        d = _shield(ensureDeferred(self._run("runQuery", _UNLOCK, params, pool=self._locker(appid))))
+        d = _shield(ensureDeferred(self._run("runQuery", sql, params, pool=self._locker(appid))))
         return d.addCallbacks(lambda _: None, lambda f: None)

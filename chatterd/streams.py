@@ -8,8 +8,9 @@ Admission, turns and shutdown for the streaming routes (``/llmchat``, ``/llmprom
 - **Turns**: requests for one appID take turns, so two overlapping
   ``/llmchat`` requests cannot interleave their histories.  Inside this
   process a lock per appID serialises them (dropped as soon as nobody holds
-  or waits for it); across processes sharing one database the store adds a
-  PostgreSQL advisory lock.
+  or waits for it); across processes sharing one database the store takes a
+  PostgreSQL advisory lock in the statements that begin and end a turn
+  (``begin_turn``/``end_turn``).
 - **Shutdown**: stopping the service refuses new streams, lets running ones
   finish for ``grace`` seconds, then aborts the rest (each ends with an SSE
   error frame and stores its partial reply) and waits for them to wind up.
@@ -33,8 +34,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
-
-from chatterd.store import IChattStore
 
 log = Logger()
 
@@ -123,8 +122,6 @@ class Streams(Service):
     Keeps count of running streams, gives each appID its turn, and drains
     them at shutdown.
 
-    :param store: its ``lock_appid``/``unlock_appid`` serialise appIDs across
-        processes.
     :param max_streams: the most streams at once.
     :param grace: seconds running streams get to finish at shutdown.
     :param lock_wait: seconds a request waits for its appID's turn.
@@ -135,13 +132,11 @@ class Streams(Service):
     def __init__(
         self,
         *,
-        store: IChattStore,
         clock: IReactorTime,
         max_streams: int = 1000,
         grace: float = 30.0,
         lock_wait: float = 300.0,
     ) -> None:
-        self._store = store
         self._clock = clock
         self.max_streams = max_streams
         self.grace = grace
@@ -201,8 +196,9 @@ class Streams(Service):
     @asynccontextmanager
     async def turn(self, appid: str, slot: Slot | None = None) -> AsyncIterator[None]:
         """
-        Wait until no other stream of ``appid`` runs, in this process or any
-        other sharing the database, and keep the turn for the duration.
+        Wait until no other stream of ``appid`` runs in this process, and
+        keep the turn for the duration.  (The store's ``begin_turn`` then
+        waits for other processes, up to ``lock_wait`` too.)
 
         :param slot: the request's slot, if admitted (shutdown ends the wait).
         :raises Busy: if the turn does not come within ``lock_wait`` seconds,
@@ -228,11 +224,7 @@ class Streams(Service):
         try:
             if self._draining and slot is not None:
                 raise _restarting()
-            await self._store.lock_appid(appid, self.lock_wait)
-            try:
-                yield
-            finally:
-                await self._store.unlock_appid(appid)
+            yield
         finally:
             self._turns.release(appid)
 

@@ -297,7 +297,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         ))
 
     streams = Streams(
-        store=store,
         clock=reactor,
         max_streams=options["max-streams"],
         grace=options["grace"],

@@ -284,7 +284,7 @@ class ChatterApp:
     async def llmprep(self, request: IRequest) -> bytes:
         chat = api.parse_chat(read_body(request), need_model=False)
         async with self.streams.turn(chat.appid):  # not in the middle of a chat
-            await self.store.replace_history(chat.appid, chat.messages)
+            await self.store.replace_history(chat.appid, chat.messages, self.streams.lock_wait)
         return json_body(request, {})
 
     @app.route("/llmchat", methods=["POST"], strict_slashes=False)
@@ -295,12 +295,14 @@ class ChatterApp:
         """
         chat = api.parse_chat(read_body(request))
         async with self.streams.admitted(request) as slot, self.streams.turn(chat.appid, slot):
-            history = await self.store.append_and_load(chat.appid, chat.messages)
+            history = await self.store.begin_turn(chat.appid, chat.messages, self.streams.lock_wait)
             relay = ChatRelay(request, self.relaying, appid=chat.appid, model=chat.model, store=self.store)
             slot.stream = relay
             try:
                 await relay.run(chat.ollama_body(history))
             finally:
+                if not relay.turn_ended:  # only if the relay failed before its end (a bug)
+                    await self.store.end_turn(chat.appid, None)
                 content = {"prompt": json.dumps(chat.messages), "reply": relay.reply} if self.log_content else {}
                 self._stream_ended("/llmchat", relay, appid=chat.appid, model=chat.model, **content)
 

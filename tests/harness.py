@@ -122,7 +122,7 @@ class Chatterd:
         self.store = PostgresChattStore(
             self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
         )
-        self.streams = Streams(store=self.store, clock=reactor, **(streams or {}))
+        self.streams = Streams(clock=reactor, **(streams or {}))
         upstream = http_client(
             Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=connect_timeout)
         )

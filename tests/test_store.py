@@ -16,7 +16,9 @@ from zope.interface.verify import verifyObject
 
 from chatterd.store import (
     IChattStore,
+    LockTimeout,
     PostgresChattStore,
+    StoreError,
     StoreUnavailable,
     ValueTooLong,
 )
@@ -29,6 +31,34 @@ CREATE TABLE chatts (username varchar(32), message varchar(1000), id uuid PRIMAR
                      time timestamptz DEFAULT CURRENT_TIMESTAMP);
 ALTER TABLE chatts ADD COLUMN appID varchar(155);
 """
+
+
+#: Refuses rows whose message is "refused" (a write that fails inside a turn).
+REFUSE = """
+CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.message = 'refused' THEN RAISE EXCEPTION 'refused by a trigger'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER refuse BEFORE INSERT ON chatts FOR EACH ROW EXECUTE FUNCTION refuse();
+"""
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def history(store: PostgresChattStore, appid: str, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """
+    Append in a turn of its own, and give the turn back.
+    """
+    found = await store.begin_turn(appid, messages, 1.0)
+    await store.end_turn(appid, None)
+    return found
+
+
+def advisory_locks(dsn: str) -> int:
+    return query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0]
 
 
 class StoreTests(TestCase):
@@ -69,16 +99,17 @@ class StoreTests(TestCase):
 
     async def test_history_in_insertion_order(self) -> None:
         """
-        append_and_load stores the messages and returns the appID's whole
-        history, oldest first, and nothing of other appIDs.
+        begin_turn stores the messages and returns the appID's whole history,
+        oldest first, and nothing of other appIDs; end_turn stores the reply.
         """
         store = await self.make_store()
         first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-        self.assertEqual(await store.append_and_load("a", first), first)
-        await store.append_and_load("b", [{"role": "user", "content": "other app"}])
-        await store.add_reply("a", "Hello!")
-        history = await store.append_and_load("a", [{"role": "user", "content": "And?"}])
-        self.assertEqual(history, [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And?"}])
+        self.assertEqual(await store.begin_turn("a", first, 1.0), first)
+        await history(store, "b", user("other app"))
+        await store.end_turn("a", "Hello!")
+        found = await history(store, "a", user("And?"))
+        self.assertEqual(found, [*first, {"role": "assistant", "content": "Hello!"}, *user("And?")])
+        self.assertEqual(advisory_locks(self.dsn), 0)
 
     async def test_ties_in_time_keep_insertion_order(self) -> None:
         """
@@ -95,19 +126,78 @@ class StoreTests(TestCase):
         by_time = query(self.dsn, "SET enable_indexscan = off; SET enable_bitmapscan = off; "
                                   "SELECT message FROM chatts WHERE appid = 'tie' ORDER BY time")
         self.assertNotEqual([m for (m,) in by_time], [f"m{i}" for i in range(9, 0, -1)])
-        history = await store.append_and_load("tie", [])
-        self.assertEqual([m["content"] for m in history], [f"m{i}" for i in range(9, 0, -1)])
+        found = await history(store, "tie", [])
+        self.assertEqual([m["content"] for m in found], [f"m{i}" for i in range(9, 0, -1)])
 
     async def test_replace_history(self) -> None:
         """
         replace_history deletes the appID's rows, only those, and stores the new ones.
         """
         store = await self.make_store()
-        await store.append_and_load("a", [{"role": "user", "content": "old"}])
-        await store.append_and_load("b", [{"role": "user", "content": "keep"}])
-        await store.replace_history("a", [{"role": "system", "content": "new"}])
-        self.assertEqual(await store.append_and_load("a", []), [{"role": "system", "content": "new"}])
-        self.assertEqual(await store.append_and_load("b", []), [{"role": "user", "content": "keep"}])
+        await history(store, "a", user("old"))
+        await history(store, "b", user("keep"))
+        await store.replace_history("a", [{"role": "system", "content": "new"}], 1.0)
+        self.assertEqual(await history(store, "a", []), [{"role": "system", "content": "new"}])
+        self.assertEqual(await history(store, "b", []), user("keep"))
+        self.assertEqual(advisory_locks(self.dsn), 0)
+
+    async def test_turns_across_processes(self) -> None:
+        """
+        A turn is shared by every store on the database: another one cannot
+        begin a turn, or replace the history, of an appID in a turn (it gets
+        LockTimeout and stores nothing), other appIDs go on, and it can once
+        the turn ends.
+        """
+        store = await self.make_store()
+        other = await self.make_store(self.dsn)
+        await store.begin_turn("a", user("first"), 1.0)
+        await self.assertFailure(other.begin_turn("a", user("second"), 0.2), LockTimeout)
+        await self.assertFailure(other.replace_history("a", user("replaced"), 0.2), LockTimeout)
+        self.assertEqual(await history(other, "b", user("other app")), user("other app"))
+        waiting = other.begin_turn("a", user("second"), 5.0)
+        await deferLater(reactor, 0.1)
+        self.assertNoResult(waiting)
+        await store.end_turn("a", "reply")
+        found = await waiting
+        self.assertEqual([m["content"] for m in found], ["first", "reply", "second"])
+        await other.end_turn("a", None)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+
+    async def test_failed_writes_give_the_turn_back(self) -> None:
+        """
+        A turn whose first or last write fails holds nothing afterwards (a
+        session lock outlives the rolled-back statement that took it), and
+        the failed write left no rows.
+        """
+        store = await self.make_store()
+        other = await self.make_store(self.dsn)
+        query(self.dsn, REFUSE)
+        await self.assertFailure(store.begin_turn("a", user("refused"), 1.0), StoreError)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+        await store.begin_turn("a", user("fine"), 1.0)
+        await self.assertFailure(store.end_turn("a", "refused"), StoreError)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+        self.assertEqual(await history(other, "a", []), user("fine"))
+        await self.assertFailure(store.replace_history("a", user("refused"), 1.0), StoreError)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+        self.assertEqual(await history(store, "a", []), user("fine"))  # and the connection still works
+        self.flushLoggedErrors()
+
+    async def test_cancelled_begin_gives_the_turn_back(self) -> None:
+        """
+        A caller that gives up while begin_turn runs (the phone left) leaves
+        the prompt stored but no turn held.
+        """
+        store = await self.make_store()
+        d = store.begin_turn("a", user("hello"), 1.0)
+        d.cancel()
+        self.failureResultOf(d)
+        for _ in range(100):
+            if query(self.dsn, "SELECT count(*) FROM chatts")[0][0] and not advisory_locks(self.dsn):
+                break
+            await deferLater(reactor, 0.02)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+        self.assertEqual(await history(store, "a", []), user("hello"))
 
     async def test_pages(self) -> None:
         """
@@ -153,7 +243,8 @@ class StoreTests(TestCase):
         Cancelling a store call (a client left) does not abort the write.
         """
         store = await self.make_store()
-        d = store.add_reply("a", "partial reply")
+        await store.begin_turn("a", [], 1.0)
+        d = store.end_turn("a", "partial reply")
         d.cancel()
         self.failureResultOf(d)
         for _ in range(100):
