@@ -16,14 +16,30 @@ from typing import Any
 
 from hyperlink import EncodedURL
 from treq.client import HTTPClient
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 #: The most of an error body chatterd reads from Ollama.
@@ -179,10 +195,49 @@ class _ReadyURL(EncodedURL):
         return self._text or super().to_text(with_password)
 
 
-def http_client(agent: Any) -> HTTPClient:
+@implementer(IAgentEndpointFactory)
+class _Endpoints:
     """
-    The treq client chatterd talks to Ollama with: no cookies.
+    Where the agent connects for each Ollama server: one endpoint per server,
+    made once.  Twisted's agent makes a ``HostnameEndpoint`` per request
+    (IDNA-encoding the host each time), which for an IP address still
+    resolves it in a thread before connecting.
     """
+
+    def __init__(self, reactor: Any, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._made: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._made.get(key)
+        if endpoint is None:
+            endpoint = self._made[key] = self._make(*key)
+        return endpoint
+
+    def _make(self, scheme: bytes, host: bytes, port: int) -> IStreamClientEndpoint:
+        text = host.decode("ascii")
+        endpoint: IStreamClientEndpoint
+        if isIPAddress(text):
+            endpoint = TCP4ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+        elif isIPv6Address(text):
+            endpoint = TCP6ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+        else:
+            endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
+        if scheme == b"https":
+            return wrapClientTLS(BrowserLikePolicyForHTTPS().creatorForNetloc(host, port), endpoint)
+        if scheme != b"http":
+            raise SchemeNotSupported(f"unsupported scheme: {scheme!r}")
+        return endpoint
+
+
+def http_client(reactor: Any, pool: HTTPConnectionPool, connect_timeout: float) -> HTTPClient:
+    """
+    The treq client chatterd talks to Ollama with: connections kept in
+    ``pool``, one endpoint per server, no cookies.
+    """
+    agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor, connect_timeout), pool=pool)
     return HTTPClient(agent, cookiejar=_NoCookies())
 
 

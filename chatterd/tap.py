@@ -28,7 +28,7 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import tls
 from chatterd.balancer import Balancer
@@ -272,7 +272,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool.maxPersistentPerHost = 64
     pool._factory = _QuietClientFactory
     _HTTPPoolService(pool).setServiceParent(parent)
-    http = http_client(Agent(reactor, pool=pool, connectTimeout=options["connect-timeout"]))
+    http = http_client(reactor, pool, options["connect-timeout"])
     ollama = Balancer(
         [OllamaClient(http, url) for url in options["ollama"]], clock=reactor, refresh=options["tags-refresh"]
     )

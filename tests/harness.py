@@ -123,9 +123,7 @@ class Chatterd:
             self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
         )
         self.streams = Streams(clock=reactor, **(streams or {}))
-        upstream = http_client(
-            Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False), connectTimeout=connect_timeout)
-        )
+        upstream = http_client(reactor, HTTPConnectionPool(reactor, persistent=False), connect_timeout or 30.0)
         urls = [ollama] if isinstance(ollama, str) else ollama
         self.ollama = Balancer([OllamaClient(upstream, url) for url in urls], clock=reactor, **(balancer or {}))
         self.metrics.watch(streams=self.streams, store=self.store, ollama=self.ollama)
