@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_eager -*-
 """
-TCP listeners whose connections send at once.
+TCP connections that send at once: chatterd's listeners, and its
+connections to Ollama servers given by IP address.
 
 Twisted's TCP transport never sends from ``write``: it queues the bytes,
 registers the socket for writability (an ``epoll_ctl``) and sends on the
@@ -16,8 +17,8 @@ order, flow control (``pauseProducing`` once the queue is full) and
 ``loseConnection`` behave exactly as before.  TLS rides on top unchanged:
 ``TLSMemoryBIOProtocol`` writes its records to this transport.
 
-:func:`listening_reactor` hands such ports to Twisted's own ``tcp:`` and
-``ssl:`` endpoints.
+:func:`eager_reactor` hands such transports to Twisted's own ``tcp:`` and
+``ssl:`` server endpoints and TCP client endpoints.
 """
 
 from __future__ import annotations
@@ -31,25 +32,48 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 
-class EagerServer(tcp.Server):
+class _EagerWrites:
+    """
+    ``write`` for a TCP transport: straight to the socket when the queue is
+    empty, else (and for what the kernel does not take) Twisted's queue.
+    """
+
+    def write(self, data: bytes) -> None:
+        if (self.dataBuffer or self._tempDataBuffer or not data or not self.connected  # type: ignore[attr-defined]
+                or self.disconnecting or self._writeDisconnected):  # type: ignore[attr-defined]
+            super().write(data)  # type: ignore[misc]  # behind what is queued, or nothing to send
+            return
+        sent = self.writeSomeData(data)  # type: ignore[attr-defined]
+        if isinstance(sent, Exception):
+            super().write(data)  # type: ignore[misc]  # doWrite meets the error again and closes as usual
+        elif sent < len(data):
+            super().write(data[sent:])  # type: ignore[misc]
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+
+class EagerServer(_EagerWrites, tcp.Server):
     """
     A server-side TCP transport that writes to the socket at once when its
     queue is empty.
     """
 
-    def write(self, data: bytes) -> None:
-        if (self.dataBuffer or self._tempDataBuffer or not data or not self.connected
-                or self.disconnecting or self._writeDisconnected):
-            super().write(data)  # behind what is queued, or nothing to send: as Twisted does
-            return
-        sent = self.writeSomeData(data)
-        if isinstance(sent, Exception):
-            super().write(data)  # doWrite meets the error again and closes as usual
-        elif sent < len(data):
-            super().write(data[sent:])
 
-    def writeSequence(self, iovec: Any) -> None:
-        self.write(b"".join(iovec))
+class EagerClient(_EagerWrites, tcp.Client):
+    """
+    A client-side TCP transport that writes to the socket at once when its
+    queue is empty.
+    """
+
+
+class EagerConnector(tcp.Connector):
+    """
+    Connects with an :class:`EagerClient`.
+    """
+
+    def _makeTransport(self) -> EagerClient:
+        return EagerClient(self.host, self.port, self.bindAddress, self, self.reactor)
 
 
 class EagerPort(tcp.Port):
@@ -61,10 +85,11 @@ class EagerPort(tcp.Port):
 
 
 @implementer(IReactorTCP, IReactorSSL)
-class _EagerListening:
+class _EagerReactor:
     """
     Just enough of a reactor for Twisted's ``tcp:`` and ``ssl:`` server
-    endpoints to listen with :class:`EagerPort`.
+    endpoints to listen with :class:`EagerPort`, and for its TCP client
+    endpoints to connect with :class:`EagerConnector`.
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -82,20 +107,25 @@ class _EagerListening:
         p._type = "TLS"  # as the reactor's own listenSSL names it in logs
         return p
 
-    def connectTCP(self, *args: Any, **kwargs: Any) -> Any:
-        return self._reactor.connectTCP(*args, **kwargs)
+    def connectTCP(
+        self, host: str, port: int, factory: Any, timeout: float = 30.0, bindAddress: Any = None
+    ) -> EagerConnector:
+        c = EagerConnector(host, port, factory, timeout, bindAddress, self._reactor)
+        c.connect()
+        return c
 
     def connectSSL(self, *args: Any, **kwargs: Any) -> Any:
         return self._reactor.connectSSL(*args, **kwargs)
 
 
-def listening_reactor(reactor: Any) -> Any:
+def eager_reactor(reactor: Any) -> Any:
     """
-    What to give Twisted's ``tcp:``/``ssl:`` server endpoints so that they
-    listen with :class:`EagerPort`: on one of Twisted's reactors of file
-    descriptors (epoll, poll, select, asyncio), a thin front for ``reactor``;
-    on any other (IOCP, or a test's fake), ``reactor`` itself.
+    What to give Twisted's ``tcp:``/``ssl:`` server endpoints and its
+    ``TCP4ClientEndpoint``/``TCP6ClientEndpoint`` so that their connections
+    send at once: on one of Twisted's reactors of file descriptors (epoll,
+    poll, select, asyncio), a thin front for ``reactor``; on any other (IOCP,
+    or a test's fake), ``reactor`` itself.
     """
     if isinstance(reactor, PosixReactorBase):
-        return _EagerListening(reactor)
+        return _EagerReactor(reactor)
     return reactor

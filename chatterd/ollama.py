@@ -42,6 +42,8 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
+from chatterd.eager import eager_reactor
+
 #: The most of an error body chatterd reads from Ollama.
 MAX_ERROR_BODY = 64 * 1024
 
@@ -201,7 +203,9 @@ class _Endpoints:
     Where the agent connects for each Ollama server: one endpoint per server,
     made once.  Twisted's agent makes a ``HostnameEndpoint`` per request
     (IDNA-encoding the host each time), which for an IP address still
-    resolves it in a thread before connecting.
+    resolves it in a thread before connecting.  A server given by IP address
+    gets connections that send at once (:mod:`chatterd.eager`): the request
+    leaves in the reactor turn that makes it.
     """
 
     def __init__(self, reactor: Any, connect_timeout: float) -> None:
@@ -220,9 +224,9 @@ class _Endpoints:
         text = host.decode("ascii")
         endpoint: IStreamClientEndpoint
         if isIPAddress(text):
-            endpoint = TCP4ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+            endpoint = TCP4ClientEndpoint(eager_reactor(self._reactor), text, port, timeout=self._timeout)
         elif isIPv6Address(text):
-            endpoint = TCP6ClientEndpoint(self._reactor, text, port, timeout=self._timeout)
+            endpoint = TCP6ClientEndpoint(eager_reactor(self._reactor), text, port, timeout=self._timeout)
         else:
             endpoint = HostnameEndpoint(self._reactor, host, port, timeout=self._timeout)
         if scheme == b"https":

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import endpoints, interfaces, ssl
 
-from chatterd.eager import listening_reactor
+from chatterd.eager import eager_reactor
 
 CERT_FILE = "chatterd.crt"
 KEY_FILE = "chatterd.key"
@@ -318,7 +318,7 @@ def server_endpoint(
     args, kwargs = parse_description(description)
     if args[0] != "ssl":
         if args[0] == "tcp":
-            reactor = listening_reactor(reactor)
+            reactor = eager_reactor(reactor)
         return endpoints.serverFromString(reactor, description)
     for name, value in zip(_SSL_KEYS, args[1:]):
         kwargs.setdefault(name, value)
@@ -336,7 +336,7 @@ def server_endpoint(
         cert_path = Path(kwargs.get("certKey", kwargs["privateKey"]))
     options = certificate_options(cert_path, key_path, kwargs.get("extraCertChain"))
     return endpoints.SSL4ServerEndpoint(
-        listening_reactor(reactor),
+        eager_reactor(reactor),
         int(kwargs["port"]),
         options,
         backlog=int(kwargs.get("backlog", 50)),

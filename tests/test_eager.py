@@ -1,7 +1,7 @@
 """
-Listeners whose connections send from ``write`` (chatterd.eager): bytes reach
-the kernel at once, and order, backpressure and closing behave as Twisted's
-own transport does.
+Connections that send from ``write`` (chatterd.eager), on chatterd's
+listeners and to Ollama: bytes reach the kernel at once, and order,
+backpressure and closing behave as Twisted's own transport does.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
@@ -62,7 +63,7 @@ def _read_all(sock: socket.socket) -> bytes:
 class EagerServerTests(TestCase):
     async def _connect(self) -> tuple[_Server, socket.socket]:
         made: Deferred[_Server] = Deferred()
-        port = eager.listening_reactor(reactor).listenTCP(0, Factory.forProtocol(lambda: _Server(made)),
+        port = eager.eager_reactor(reactor).listenTCP(0, Factory.forProtocol(lambda: _Server(made)),
                                                           interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.assertIsInstance(port, eager.EagerPort)
@@ -137,6 +138,25 @@ class EagerServerTests(TestCase):
         await server.lost
 
 
+class EagerClientTests(TestCase):
+    async def test_client_sends_at_once(self) -> None:
+        """
+        A TCP client endpoint on the eager reactor connects with an
+        EagerClient, whose writes are in the kernel when ``write`` returns.
+        """
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        endpoint = TCP4ClientEndpoint(eager.eager_reactor(reactor), "127.0.0.1", listener.getsockname()[1])
+        client = await endpoint.connect(Factory.forProtocol(Protocol))
+        self.addCleanup(client.transport.abortConnection)
+        self.assertIsInstance(client.transport, eager.EagerClient)
+        peer, _ = listener.accept()
+        self.addCleanup(peer.close)
+        client.transport.write(b"POST /api/chat HTTP/1.1\r\n")
+        peer.setblocking(False)
+        self.assertEqual(peer.recv(100), b"POST /api/chat HTTP/1.1\r\n")
+
+
 class EndpointTests(TestCase):
     async def test_tcp_and_ssl_listen_eagerly(self) -> None:
         """
@@ -153,4 +173,4 @@ class EndpointTests(TestCase):
         unix = tls.server_endpoint(reactor, f"unix:{certs / 's'}", cert, key)
         self.assertIs(unix._reactor, reactor)
         for other in (object(), MemoryReactorClock()):  # a test's fake reactor binds nothing for real
-            self.assertIs(eager.listening_reactor(other), other)
+            self.assertIs(eager.eager_reactor(other), other)
