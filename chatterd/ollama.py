@@ -10,6 +10,7 @@ connection when cancelled (``treq.collect`` cannot be cancelled).
 from __future__ import annotations
 
 import json
+import json.scanner
 from collections.abc import Callable
 from http.cookiejar import CookieJar
 from typing import Any
@@ -360,8 +361,9 @@ def error_text(body: bytes) -> str:
     return text[:500] or "(no error text)"
 
 
-#: ``json.loads`` without its per-call checks (Ollama's lines are UTF-8 text).
-_decode = json.JSONDecoder().decode
+#: The JSON scanner under ``json.loads`` (C), without its per-call checks and
+#: two regular-expression matches: ``(value, end)`` for a value at ``idx``.
+_scan = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
 
 
 def parse_chat_line(line: bytes) -> tuple[str, bool]:
@@ -373,8 +375,11 @@ def parse_chat_line(line: bytes) -> tuple[str, bool]:
         a JSON object.
     """
     try:
-        obj = _decode(line.decode("utf-8"))
-    except ValueError:  # UnicodeDecodeError included
+        text = line.decode("utf-8").strip()
+        obj, end = _scan(text, 0)
+        if end != len(text):
+            raise ValueError("extra data")
+    except (ValueError, StopIteration):  # UnicodeDecodeError included; StopIteration: no value
         raise OllamaError(f"Ollama sent a line that is not JSON: {_preview(line)}") from None
     if not isinstance(obj, dict):
         raise OllamaError(f"Ollama sent a line that is not a JSON object: {_preview(line)}")

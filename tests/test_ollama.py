@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import URI
 from twisted.web.error import SchemeNotSupported
 
-from chatterd.ollama import _Endpoints
+from chatterd.ollama import OllamaError, _Endpoints, parse_chat_line
 
 
 class EndpointTests(SynchronousTestCase):
@@ -59,3 +59,32 @@ class EndpointTests(SynchronousTestCase):
         self.assertNotIsInstance(wrapped, HostnameEndpoint)
         self.assertIsInstance(wrapped._wrappedEndpoint, HostnameEndpoint)  # type: ignore[attr-defined]
         self.assertRaises(SchemeNotSupported, self.endpoint, "ftp://127.0.0.1:21/x")
+
+
+class ParseChatLineTests(SynchronousTestCase):
+    def test_content_and_done(self) -> None:
+        """
+        A chat line gives its message content (or "") and whether it is the last.
+        """
+        line = b'{"model":"m","message":{"role":"assistant","content":"Hi \\u00e9"},"done":false}'
+        self.assertEqual(parse_chat_line(line), ("Hi \u00e9", False))
+        self.assertEqual(parse_chat_line(b' {"model":"m","done":true}\r'), ("", True))
+        self.assertEqual(parse_chat_line(b'{"message":{"content":7},"done":"yes"}'), ("", False))
+
+    def test_errors(self) -> None:
+        """
+        Ollama's error line, and anything but one whole JSON object, is an
+        OllamaError naming what came.
+        """
+        cases = {
+            b'{"error":"model not found"}': "Ollama: model not found",
+            b'{"done":true} {"done":true}': "not JSON",
+            b'{"done":': "not JSON",
+            b"": "not JSON",
+            b"\xff\xfe": "not JSON",
+            b"[1, 2]": "not a JSON object",
+        }
+        for line, says in cases.items():
+            with self.assertRaises(OllamaError, msg=line) as caught:
+                parse_chat_line(line)
+            self.assertIn(says, str(caught.exception))
