@@ -36,12 +36,21 @@ class _EagerWrites:
     """
     ``write`` for a TCP transport: straight to the socket when the queue is
     empty, else (and for what the kernel does not take) Twisted's queue.
+
+    Twisted's queue also takes every write it treats specially: after
+    ``loseConnection`` or ``abortConnection`` (an aborted connection drops
+    what is queued), and while a pull producer is registered (only
+    ``doWrite`` asks it for more).
     """
 
     def write(self, data: bytes) -> None:
-        if (self.dataBuffer or self._tempDataBuffer or not data or not self.connected  # type: ignore[attr-defined]
-                or self.disconnecting or self._writeDisconnected):  # type: ignore[attr-defined]
-            super().write(data)  # type: ignore[misc]  # behind what is queued, or nothing to send
+        if not isinstance(data, bytes):
+            raise TypeError("Data must be bytes")  # as Twisted's own write says
+        if (self.dataBuffer or self._tempDataBuffer or not data  # type: ignore[attr-defined]
+                or not self.connected or self.disconnecting or self._aborting  # type: ignore[attr-defined]
+                or self._writeDisconnected  # type: ignore[attr-defined]
+                or (self.producer is not None and not self.streamingProducer)):  # type: ignore[attr-defined]
+            super().write(data)  # type: ignore[misc]
             return
         sent = self.writeSomeData(data)  # type: ignore[attr-defined]
         if isinstance(sent, Exception):
@@ -50,6 +59,8 @@ class _EagerWrites:
             super().write(data[sent:])  # type: ignore[misc]
 
     def writeSequence(self, iovec: Any) -> None:
+        if not all(isinstance(data, bytes) for data in iovec):
+            raise TypeError("Data must be bytes")
         self.write(b"".join(iovec))
 
 

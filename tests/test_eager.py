@@ -13,7 +13,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock
@@ -123,6 +123,62 @@ class EagerServerTests(TestCase):
         server.transport.unregisterProducer()
         server.transport.abortConnection()
         await server.lost
+
+    async def test_nothing_after_abort(self) -> None:
+        """
+        After ``abortConnection`` nothing more is sent (Twisted drops what is
+        queued; an aborted /getchatts must not end with a last chunk).
+        """
+        server, client = await self._connect()
+        server.transport.write(b"before")
+        server.transport.abortConnection()
+        server.transport.write(b"after")
+        await server.lost
+        client.settimeout(20)
+        received = b""
+        try:
+            while chunk := client.recv(100):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        self.assertEqual(received, b"before")
+
+    async def test_pull_producer(self) -> None:
+        """
+        A pull producer is asked for more after each write, as with Twisted's
+        transport (only ``doWrite`` asks, so its writes are queued).
+        """
+        server, client = await self._connect()
+
+        @implementer(IPullProducer)
+        class Pull:
+            n = 0
+
+            def resumeProducing(self) -> None:
+                self.n += 1
+                if self.n <= 5:
+                    server.transport.write(b"chunk%d " % self.n)
+                else:
+                    server.transport.unregisterProducer()
+                    server.transport.loseConnection()
+
+            def stopProducing(self) -> None:
+                pass
+
+        server.transport.registerProducer(Pull(), False)
+        received = await deferToThread(_read_all, client)
+        self.assertEqual(received, b"chunk1 chunk2 chunk3 chunk4 chunk5 ")
+
+    async def test_only_bytes(self) -> None:
+        """
+        Like Twisted's own transport, only bytes are accepted, before anything is sent.
+        """
+        server, client = await self._connect()
+        for data in (bytearray(b"x"), memoryview(b"x"), "x"):
+            self.assertRaises(TypeError, server.transport.write, data)
+            self.assertRaises(TypeError, server.transport.writeSequence, [b"ok", data])
+        server.transport.loseConnection()
+        self.assertEqual(await deferToThread(_read_all, client), b"")
 
     async def test_write_after_peer_left(self) -> None:
         """
