@@ -375,7 +375,7 @@ def parse_chat_line(line: bytes) -> tuple[str, bool]:
         a JSON object.
     """
     try:
-        text = line.decode("utf-8").strip()
+        text = line.strip(b" \t\r\n").decode("utf-8")  # JSON's whitespace only
         obj, end = _scan(text, 0)
         if end != len(text):
             raise ValueError("extra data")

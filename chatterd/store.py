@@ -188,51 +188,62 @@ SELECT username, message, id::text, time, seq FROM chatts
 
 
 # An appID's turn across processes is a session-level advisory lock, keyed
-# (class, hash of appID), taken in the same statement as the first write of the
-# turn and given back after its last (commit first, so that the next turn sees
-# it).  A hash collision makes two appIDs share a lock: harmless, they only take
-# turns.  A failed attempt leaves no rows; a statement that fails after taking
-# the lock leaves it held (session locks ignore rollback), so it is given back.
+# (class, hash of appID), taken in the round trip of the turn's first write and
+# given back in that of its last (after a COMMIT, so that the next turn sees
+# it).  The lock is tried in a statement of its own, which notes the answer for
+# the rest of the transaction: each later statement takes a fresh snapshot, so
+# it sees whatever the previous holder committed before unlocking.  A hash
+# collision makes two appIDs share a lock: harmless, they only take turns.  A
+# failed attempt stores nothing; a failure after the lock was taken leaves it
+# held (session locks ignore rollback), so it is given back.
 _LOCK_CLASS = 1667788099
-_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s)) AS taken"
+#: How many times an unlock waits ``--db-wait`` for its busy connection.
+_UNLOCK_TRIES = 6
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s))"
+_TAKE_TURN = f"SELECT set_config('chatterd.turn', ({_TRY_LOCK})::text, true);"
+_IN_TURN = "current_setting('chatterd.turn')::boolean"
 _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 
-#: The new messages, in order, if the turn was taken (part of a ``WITH``).
-_ADD_IN_TURN = """
-    INSERT INTO chatts (username, message, id, time, appid)
-    SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
-      FROM turn, unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(r, m, n)
-     WHERE turn.taken
-     ORDER BY n"""
+#: The new messages, in order, if the turn was taken.
+_ADD_IN_TURN = f"""
+INSERT INTO chatts (username, message, id, time, appid)
+SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
+  FROM unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(r, m, n)
+ WHERE {_IN_TURN}
+ ORDER BY n;
+"""
 
-#: Take the turn, append the messages and read the history, in one round trip.
-#: Rows are (seq, role, content); a single row of NULLs means "not your turn".
-#: (The history is the rows there were plus those added: a statement does not
-#: see its own inserts.)
-_BEGIN_TURN = f"""
-WITH turn AS MATERIALIZED ({_TRY_LOCK}),
-added AS ({_ADD_IN_TURN}
-    RETURNING seq, username, message)
-SELECT seq, username, message FROM chatts, turn WHERE turn.taken AND appid = %(appid)s
+#: Take the turn, append the messages and read the history, in one round trip
+#: (one implicit transaction).  Rows are (seq, role, content); a single row of
+#: NULLs means "not your turn" (and nothing was stored).
+_BEGIN_TURN = f"""{_TAKE_TURN}{_ADD_IN_TURN}
+SELECT seq, username, message FROM chatts WHERE {_IN_TURN} AND appid = %(appid)s
 UNION ALL
-SELECT seq, username, message FROM added
-UNION ALL
-SELECT NULL, NULL, NULL FROM turn WHERE NOT turn.taken
+SELECT NULL, NULL, NULL WHERE NOT {_IN_TURN}
 ORDER BY 1;
 """
 
 #: ``/llmprep``: take the turn and replace the history; ``_UNLOCK`` follows.
-_REPLACE_IN_TURN = f"""
-WITH turn AS MATERIALIZED ({_TRY_LOCK}),
-gone AS (DELETE FROM chatts USING turn WHERE turn.taken AND appid = %(appid)s),
-added AS ({_ADD_IN_TURN})
-SELECT taken FROM turn;
+_REPLACE_IN_TURN = f"""{_TAKE_TURN}
+DELETE FROM chatts WHERE {_IN_TURN} AND appid = %(appid)s;{_ADD_IN_TURN}
+SELECT {_IN_TURN};
 """
 
-#: Store the reply, commit, then give the turn back, in one round trip.
-_END_TURN = "BEGIN;" + _INSERT_ONE + "COMMIT;" + _UNLOCK
-#: After a failed ``_END_TURN``: end its transaction and give the turn back.
-_ABANDON_TURN = "ROLLBACK;" + _UNLOCK
+#: Store the reply, commit, then give the turn back, in one round trip.  (No
+#: BEGIN: if the insert fails, the implicit transaction is rolled back and
+#: the connection is left clean; the unlock, skipped, must follow.)
+_END_TURN = _INSERT_ONE + "COMMIT;" + _UNLOCK
+
+
+def _holds(outcome: Any, taken: Callable[[Any], bool]) -> bool:
+    """
+    Whether a statement that tries an appID's lock may have left it held:
+    it took it, or it ran and failed afterwards.  (A ``StoreUnavailable``
+    statement never ran, or its connection, and the lock with it, is gone.)
+    """
+    if isinstance(outcome, Failure):
+        return not outcome.check(StoreUnavailable)
+    return taken(outcome)
 
 
 def _taken_begin(rows: list[tuple[Any, ...]]) -> bool:
@@ -255,6 +266,26 @@ def _many(appid: str, messages: Sequence[Message]) -> dict[str, Any]:
 # --- the connection pool ---------------------------------------------------------
 
 
+#: Server errors after which the session is over (its locks with it).
+_SESSION_ENDED = frozenset(["57P01", "57P02", "57P03"])  # admin/crash shutdown, cannot connect now
+
+
+def _connection_lost(f: Failure) -> bool:
+    """
+    Whether a failure means the connection is gone: a client-side error, a
+    connection exception (class 08) or the server ending the session.  An
+    error of one statement on a live connection (a deadlock, a full disk, a
+    cancelled query) is not: txpostgres would otherwise reconnect, dropping
+    the advisory locks of every appID on that connection mid-stream.
+    """
+    if f.check(psycopg2.InterfaceError, txpostgres.RollbackFailed):
+        return True
+    if f.check(psycopg2.OperationalError):
+        code = f.value.pgcode
+        return code is None or code.startswith("08") or code in _SESSION_ENDED
+    return False
+
+
 class _Detector(reconnection.DeadConnectionDetector):
     """
     A dead-connection detector whose reconnection loop can be stopped, retrying
@@ -263,6 +294,7 @@ class _Detector(reconnection.DeadConnectionDetector):
 
     def __init__(self, reactor: IReactorTime) -> None:
         super().__init__(
+            deathChecker=_connection_lost,
             reconnectionIterator=lambda: retrying.simpleBackoffIterator(
                 initialDelay=0.5, maxDelay=2.0, factor=1.5, maxRetries=0, now=True
             ),
@@ -412,12 +444,22 @@ class ConnectionPool:
 # --- the store -------------------------------------------------------------------
 
 
-def _shield(d: Deferred[T]) -> Deferred[T]:
+def _shield(d: Deferred[T], abandoned: Callable[[Any], object] | None = None) -> Deferred[T]:
     """
     A Deferred that mirrors ``d``; cancelling it leaves ``d`` running to the end.
+
+    :param abandoned: if the mirror was cancelled first, called with what
+        ``d`` fired with in the end (a result or a ``Failure``).
     """
     shielded: Deferred[T] = Deferred()
-    d.addBoth(lambda r: shielded.callback(r) if not shielded.called else None)
+
+    def mirror(result: Any) -> None:
+        if not shielded.called:
+            shielded.callback(result)
+        elif abandoned is not None:
+            abandoned(result)
+
+    d.addBoth(mirror)
     return shielded
 
 
@@ -533,17 +575,24 @@ class PostgresChattStore(Service):
         except PoolTimeout as e:
             self._on_error("busy")
             raise StoreUnavailable("the database is busy, try again shortly") from e
-        except (reconnection.ConnectionDead, psycopg2.OperationalError,
-                psycopg2.InterfaceError, ConnectionClosed) as e:
+        except (reconnection.ConnectionDead, psycopg2.Error, ConnectionClosed) as e:
+            if isinstance(e, psycopg2.Error) and not _connection_lost(Failure(e)):
+                raise self._failed(e) from e
             self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
-        except psycopg2.errors.StringDataRightTruncation as e:
-            self._on_error("too_long")
-            raise ValueTooLong("a value is too long for its column") from e
         except Exception as e:
-            self._on_error("other")
-            log.failure("database error", Failure())
-            raise StoreError("database error") from e
+            raise self._failed(e) from e
+
+    def _failed(self, error: Exception) -> StoreError:
+        """
+        What a statement's own failure (the connection lives on) is reported as.
+        """
+        if isinstance(error, psycopg2.errors.StringDataRightTruncation):
+            self._on_error("too_long")
+            return ValueTooLong("a value is too long for its column")
+        self._on_error("other")
+        log.failure("database error", Failure(error))
+        return StoreError("database error")
 
     def _call(self, method: str, sql: str, params: dict[str, Any]) -> Deferred[Any]:
         return _shield(ensureDeferred(self._run(method, sql, params)))
@@ -573,7 +622,7 @@ class PostgresChattStore(Service):
         try:
             await self._run("runQuery", _END_TURN, params, pool=self._locker(appid))
         except StoreError:
-            await self._unlock(appid, _ABANDON_TURN)
+            self._unlock(appid)  # the unlock was skipped; report the failure without waiting for it
             raise
 
     def replace_history(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[None]:
@@ -599,17 +648,17 @@ class PostgresChattStore(Service):
         until ``taken(rows)`` or ``timeout`` seconds have passed.  A failure, or
         a caller that gives up meanwhile, leaves the lock given back.
         """
+        def abandoned(outcome: Any) -> None:
+            # the caller gave up while the statement ran: give back what it took
+            if _holds(outcome, taken):
+                self._unlock(appid)
+
         deadline = self._reactor.seconds() + timeout
         pause = 0.02
         while True:
             attempt = ensureDeferred(self._run("runQuery", sql, params, pool=self._locker(appid)))
             try:
-                rows = await _shield(attempt)
-            except CancelledError:
-                # the caller gave up while the statement ran: undo what it took
-                attempt.addCallback(lambda rows: self._unlock(appid) if taken(rows) else None)
-                attempt.addErrback(lambda _: None)
-                raise
+                rows = await _shield(attempt, abandoned)
             except StoreUnavailable:
                 raise  # it never ran, or its connection (and so the lock) is gone
             except StoreError:
@@ -622,11 +671,24 @@ class PostgresChattStore(Service):
             await deferLater(self._reactor, pause)
             pause = min(pause * 2, 0.5)
 
-    def _unlock(self, appid: str, sql: str = _UNLOCK) -> Deferred[None]:
+    def _unlock(self, appid: str) -> Deferred[None]:
         """
         Give ``appid``'s lock back.  Never fails: if the database went away,
-        the lock went with the connection that held it.
+        the lock went with the connection that held it; while its connection
+        is busy (a pool timeout), it keeps trying.
         """
         params = {"class": _LOCK_CLASS, "appid": appid}
-        d = _shield(ensureDeferred(self._run("runQuery", sql, params, pool=self._locker(appid))))
-        return d.addCallbacks(lambda _: None, lambda f: None)
+
+        async def unlock() -> None:
+            for _ in range(_UNLOCK_TRIES):
+                try:
+                    await self._run("runQuery", _UNLOCK, params, pool=self._locker(appid))
+                    return
+                except StoreUnavailable as e:
+                    if not isinstance(e.__cause__, PoolTimeout):
+                        return  # the connection, and the lock with it, is gone
+                except StoreError:
+                    return
+            log.error("could not give back the lock of appID {appid}: its connection stayed busy", appid=appid)
+
+        return _shield(ensureDeferred(unlock()))

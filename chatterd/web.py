@@ -302,7 +302,7 @@ class ChatterApp:
                 await relay.run(chat.ollama_body(history))
             finally:
                 if not relay.turn_ended:  # only if the relay failed before its end (a bug)
-                    await self.store.end_turn(chat.appid, None)
+                    await self.store.end_turn(chat.appid, relay.reply or None)
                 content = {"prompt": json.dumps(chat.messages), "reply": relay.reply} if self.log_content else {}
                 self._stream_ended("/llmchat", relay, appid=chat.appid, model=chat.model, **content)
 

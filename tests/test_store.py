@@ -5,15 +5,18 @@ atomic replacement, paging, course tables, cancellation and outages.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from chatterd import store as store_module
 from chatterd.store import (
     IChattStore,
     LockTimeout,
@@ -163,19 +166,122 @@ class StoreTests(TestCase):
         await other.end_turn("a", None)
         self.assertEqual(advisory_locks(self.dsn), 0)
 
+    async def test_a_turn_reads_after_its_lock(self) -> None:
+        """
+        A turn's history is read after its lock is taken: a reply committed,
+        and its lock given back, while the next turn's lock was being tried
+        (here made slow on purpose) is in that turn's history.
+        """
+        await self.make_store()
+        key = {"class": store_module._LOCK_CLASS, "appid": "snap"}
+        slow = store_module._BEGIN_TURN.replace(
+            store_module._TRY_LOCK, store_module._TRY_LOCK + " FROM (SELECT pg_sleep(0.3)) AS pause", 1
+        )
+        self.assertNotEqual(slow, store_module._BEGIN_TURN)
+
+        def turns() -> list[tuple[object, ...]]:
+            with psycopg2.connect(self.dsn) as a, psycopg2.connect(self.dsn) as b:
+                a.autocommit = b.autocommit = True
+                b.cursor().execute("SELECT pg_advisory_lock(%(class)s, hashtext(%(appid)s))", key)
+                reply = {"username": "assistant", "message": "earlier reply", **key}
+                ending = threading.Timer(0.1, lambda: b.cursor().execute(store_module._END_TURN, reply))
+                ending.start()
+                cursor = a.cursor()
+                cursor.execute(slow, store_module._many("snap", user("prompt")))
+                rows = cursor.fetchall()
+                ending.join()
+                cursor.execute(store_module._UNLOCK, key)
+                return rows
+
+        rows = await deferToThread(turns)
+        self.assertEqual([message for _, _, message in rows], ["earlier reply", "prompt"])
+
+    async def test_giving_up_releases_only_what_was_taken(self) -> None:
+        """
+        A request that gives up while its attempt waits, and did not get the
+        turn, gives nothing back: the next request for the appID keeps its
+        turn against other processes.
+        """
+        store = await self.make_store(pool_size=1)
+        other = psycopg2.connect(self.dsn)
+        self.addCleanup(other.close)
+        other.autocommit = True
+        lock = "SELECT pg_try_advisory_lock(%s, hashtext('w'))"
+        cursor = other.cursor()
+        cursor.execute(lock, (store_module._LOCK_CLASS,))
+        self.assertTrue(cursor.fetchone()[0])  # another process holds w's turn
+        locker = store._locker("w")
+
+        def busy() -> Deferred[object]:
+            return Deferred.fromCoroutine(locker.run(lambda c: c.runQuery("SELECT pg_sleep(0.3)")))
+
+        # the locker runs, in this order: busy, first's attempt (not taken),
+        # busy, second's attempt (taken: the other process has let go by then);
+        # a wrong "give back" after first's attempt would come last
+        busy()
+        first = store.begin_turn("w", user("first"), 30)
+        first.cancel()  # its phone left while its attempt waited for the connection
+        self.failureResultOf(first)
+        busy()
+        second = store.begin_turn("w", user("second"), 30)
+        await deferLater(reactor, 0.45)
+        cursor.execute("SELECT pg_advisory_unlock(%s, hashtext('w'))", (store_module._LOCK_CLASS,))
+        self.assertEqual([m["content"] for m in await second], ["second"])
+        await deferLater(reactor, 0.3)  # the first attempt has long ended
+        cursor.execute(lock, (store_module._LOCK_CLASS,))
+        self.assertFalse(cursor.fetchone()[0])  # the second request still holds the turn
+        await store.end_turn("w", None)
+        self.assertEqual(advisory_locks(self.dsn), 0)
+
+    async def test_a_statement_error_keeps_the_connection(self) -> None:
+        """
+        A statement that fails with an "operational" error on a live
+        connection (here a full disk, reported by a trigger) is that
+        statement's failure, a 500: the connection is not dropped, so the
+        turns it holds for other appIDs hold on.
+        """
+        store = await self.make_store(pool_size=1)  # every appID on one locker connection
+        await store.begin_turn("holding", user("hi"), 1.0)
+        query(self.dsn, REFUSE.replace("RAISE EXCEPTION 'refused by a trigger'",
+                                       "RAISE EXCEPTION 'no space left' USING ERRCODE = 'disk_full'"))
+        failure = await self.assertFailure(store.begin_turn("other", user("refused"), 1.0), StoreError)
+        self.assertNotIsInstance(failure, StoreUnavailable)
+        self.assertEqual(advisory_locks(self.dsn), 1)  # "holding" still has its turn, "other" none
+        another = await self.make_store(self.dsn)
+        await self.assertFailure(another.begin_turn("holding", user("meanwhile"), 0.2), LockTimeout)
+        await store.end_turn("holding", "reply")
+        self.assertEqual(advisory_locks(self.dsn), 0)
+        self.flushLoggedErrors()
+
+    async def test_unlock_outlasts_a_busy_connection(self) -> None:
+        """
+        A turn given back while its connection is busy for longer than the
+        pool's wait is still given back (not left held by a live session).
+        """
+        store = await self.make_store(pool_size=1, acquire_timeout=0.2)
+        await store.begin_turn("a", user("hi"), 1.0)
+        busy = Deferred.fromCoroutine(store._locker("a").run(lambda c: c.runQuery("SELECT pg_sleep(0.5)")))
+        await store.end_turn("a", None)
+        await busy
+        self.assertEqual(advisory_locks(self.dsn), 0)
+
     async def test_failed_writes_give_the_turn_back(self) -> None:
         """
         A turn whose first or last write fails holds nothing afterwards (a
-        session lock outlives the rolled-back statement that took it), and
-        the failed write left no rows.
+        session lock outlives the rolled-back statement that took it), the
+        failed write left no rows, and the connection is fit for the next
+        statement at once (here another appID's, queued behind it).
         """
-        store = await self.make_store()
+        store = await self.make_store(pool_size=1)  # every appID on one locker connection
         other = await self.make_store(self.dsn)
         query(self.dsn, REFUSE)
         await self.assertFailure(store.begin_turn("a", user("refused"), 1.0), StoreError)
         self.assertEqual(advisory_locks(self.dsn), 0)
         await store.begin_turn("a", user("fine"), 1.0)
-        await self.assertFailure(store.end_turn("a", "refused"), StoreError)
+        ending = store.end_turn("a", "refused")
+        queued = history(store, "b", user("queued behind"))
+        await self.assertFailure(ending, StoreError)
+        self.assertEqual(await queued, user("queued behind"))
         self.assertEqual(advisory_locks(self.dsn), 0)
         self.assertEqual(await history(other, "a", []), user("fine"))
         await self.assertFailure(store.replace_history("a", user("refused"), 1.0), StoreError)
