@@ -14,7 +14,7 @@ import json
 import sys
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, ILogObserver, formatEvent
+from twisted.logger import FileLogObserver, ILogObserver, Logger, formatEvent
 
 #: Keys of legacy ``twisted.python.log`` events that are not fields.
 _LEGACY = frozenset(["message", "isError", "system", "format", "why", "failure", "time"])
@@ -57,3 +57,14 @@ def json_observer(out: IO[str] | None = None) -> ILogObserver:
     A log observer writing JSON lines to ``out`` (standard output by default).
     """
     return FileLogObserver(out or sys.stdout, format_json)
+
+
+def info_line(logger: Logger, text: str, **fields: Any) -> None:
+    """
+    Log ``text``, already formatted, with ``fields`` kept as the event's
+    structured fields (for ``--log-format json``).
+
+    For the lines logged per request: the logger's own ``{field}``
+    formatting runs in Python, about 25 µs a line; an f-string is about 1.
+    """
+    logger.info(text.replace("{", "{{").replace("}", "}}"), **fields)

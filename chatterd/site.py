@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
+from chatterd.logs import info_line
 from chatterd.metrics import Metrics, route_of
 
 log = Logger()
@@ -82,14 +83,17 @@ class ChatterRequest(server.Request):
             route = route_of(getattr(self, "path", None) or b"")
             metrics.requests.labels(route, str(self.code)).inc()
             metrics.duration.labels(route).observe(duration)
-        log.info(
-            "{method} {path} {status} {length}B {duration_ms:.1f}ms{left}",
-            method=self.method.decode("ascii", "replace"),
-            path=self.uri.decode("ascii", "replace"),
+        method = self.method.decode("ascii", "replace")
+        path = self.uri.decode("ascii", "replace")
+        how = " (refused)" if self.refused else " (client left)" if left else ""
+        info_line(
+            log,
+            f"{method} {path} {self.code} {self.sentLength}B {duration * 1000:.1f}ms{how}",
+            method=method,
+            path=path,
             status=self.code,
             length=self.sentLength,
             duration_ms=duration * 1000,
-            left=" (refused)" if self.refused else " (client left)" if left else "",
             client=str(self.getClientAddress()),
         )
 

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from chatterd import api
 from chatterd.api import ClientError
 from chatterd.balancer import Balancer
+from chatterd.logs import info_line
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaError
 from chatterd.relay import (
@@ -327,20 +328,24 @@ class ChatterApp:
         if relay.outcome == "running":  # an exception escaped the relay: a bug
             relay.outcome, relay.error_kind = "error", "internal"
         self.metrics.stream_ended(route, relay)
-        text = "{route} stream {outcome}{kind}: "
+        duration_ms = (self.clock.seconds() - relay.started_at) * 1000
+        text = f"{route} stream {relay.outcome}"
+        if relay.error_kind:
+            text += f" ({relay.error_kind})"
+        text += ": "
         if "appid" in fields:
-            text += "appID {appid}, "
-        text += "model {model}, {frames} frames, {bytes}B, {duration_ms:.0f}ms"
+            text += f"appID {fields['appid']}, "
+        text += f"model {fields['model']}, {relay.frames} frames, {relay.bytes}B, {duration_ms:.0f}ms"
         if self.log_content and "prompt" in fields:
-            text += ", prompt {prompt}, reply {reply!r}"
-        log.info(
+            text += f", prompt {fields['prompt']}, reply {fields['reply']!r}"
+        info_line(
+            log,
             text,
             route=route,
             outcome=relay.outcome,
-            kind=f" ({relay.error_kind})" if relay.error_kind else "",
             error_kind=relay.error_kind,
             frames=relay.frames,
             bytes=relay.bytes,
-            duration_ms=(self.clock.seconds() - relay.started_at) * 1000,
+            duration_ms=duration_ms,
             **fields,
         )

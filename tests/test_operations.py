@@ -215,6 +215,20 @@ class LogTests(OperationsTestCase):
         self.assertIsInstance(record["extra"], str)
 
 
+    def test_preformatted_line(self) -> None:
+        """
+        A line formatted by chatterd reads as written, braces included (an
+        appID may hold any text), and keeps its fields.
+        """
+        events: list[dict[str, object]] = []
+        from twisted.logger import Logger, formatEvent
+
+        logs.info_line(Logger(observer=events.append), "appID {0} {x} }{", appid="{0} {x} }{")
+        [event] = events
+        self.assertEqual(formatEvent(event), "appID {0} {x} }{")
+        self.assertEqual(event["appid"], "{0} {x} }{")
+
+
 class ContentLogTests(OperationsTestCase):
     app = {"log_content": True}
 
