@@ -145,6 +145,31 @@ class IChattStore(Interface):
 
 # --- SQL -------------------------------------------------------------------------
 
+#: ``/llmchat``'s first round trip, as a function so that its plans are made
+#: once per connection (half the server's work of the same SQL sent as text):
+#: take the appID's turn (a session advisory lock), store the new messages in
+#: order, return the history.  VOLATILE, so each statement takes a fresh
+#: snapshot: the history, read after the lock, has what the turn before
+#: committed.  Not taken: one row of NULLs, and nothing stored.
+BEGIN_TURN_FUNCTION = """
+CREATE OR REPLACE FUNCTION chatterd_begin_turn(lock_class integer, app text, roles text[], contents text[])
+RETURNS TABLE (seq bigint, role text, content text)
+LANGUAGE plpgsql VOLATILE AS $fn$
+BEGIN
+    IF NOT pg_try_advisory_lock(lock_class, hashtext(app)) THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text;
+        RETURN;
+    END IF;
+    INSERT INTO chatts (username, message, id, time, appid)
+    SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
+      FROM unnest(roles, contents) WITH ORDINALITY AS t(r, m, n)
+     ORDER BY t.n;
+    RETURN QUERY SELECT c.seq, c.username::text, c.message::text
+                   FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
+END
+$fn$;
+"""
+
 #: Idempotent; serialised by an advisory lock so that several chatterd
 #: processes may start at once on one database.
 SCHEMA = """
@@ -174,7 +199,7 @@ BEGIN
 END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS chatts_seq ON chatts (seq);
 CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
-"""
+""" + BEGIN_TURN_FUNCTION
 
 # ``id`` and ``time`` are given explicitly: a course table may lack defaults.
 _INSERT_ONE = """
@@ -190,9 +215,10 @@ SELECT username, message, id::text, time, seq FROM chatts
 # An appID's turn across processes is a session-level advisory lock, keyed
 # (class, hash of appID), taken in the round trip of the turn's first write and
 # given back in that of its last (after a COMMIT, so that the next turn sees
-# it).  The lock is tried in a statement of its own, which notes the answer for
-# the rest of the transaction: each later statement takes a fresh snapshot, so
-# it sees whatever the previous holder committed before unlocking.  A hash
+# it).  The lock is tried before anything is read: in ``BEGIN_TURN_FUNCTION``,
+# or (``/llmprep``) in a statement of its own that notes the answer for the
+# rest of the transaction; each later statement takes a fresh snapshot, so it
+# sees whatever the previous holder committed before unlocking.  A hash
 # collision makes two appIDs share a lock: harmless, they only take turns.  A
 # failed attempt stores nothing; a failure after the lock was taken leaves it
 # held (session locks ignore rollback), so it is given back.
@@ -204,7 +230,7 @@ _TAKE_TURN = f"SELECT set_config('chatterd.turn', ({_TRY_LOCK})::text, true);"
 _IN_TURN = "current_setting('chatterd.turn')::boolean"
 _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 
-#: The new messages, in order, if the turn was taken.
+#: The new messages, in order, if the turn was taken (``/llmprep``).
 _ADD_IN_TURN = f"""
 INSERT INTO chatts (username, message, id, time, appid)
 SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
@@ -214,13 +240,10 @@ SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
 """
 
 #: Take the turn, append the messages and read the history, in one round trip
-#: (one implicit transaction).  Rows are (seq, role, content); a single row of
+#: (``BEGIN_TURN_FUNCTION``).  Rows are (seq, role, content); a single row of
 #: NULLs means "not your turn" (and nothing was stored).
-_BEGIN_TURN = f"""{_TAKE_TURN}{_ADD_IN_TURN}
-SELECT seq, username, message FROM chatts WHERE {_IN_TURN} AND appid = %(appid)s
-UNION ALL
-SELECT NULL, NULL, NULL WHERE NOT {_IN_TURN}
-ORDER BY 1;
+_BEGIN_TURN = """
+SELECT seq, role, content FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[]);
 """
 
 #: ``/llmprep``: take the turn and replace the history; ``_UNLOCK`` follows.

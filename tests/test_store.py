@@ -169,15 +169,19 @@ class StoreTests(TestCase):
     async def test_a_turn_reads_after_its_lock(self) -> None:
         """
         A turn's history is read after its lock is taken: a reply committed,
-        and its lock given back, while the next turn's lock was being tried
-        (here made slow on purpose) is in that turn's history.
+        and its lock given back, while the next turn's statement was running
+        (here made slow on purpose before it tries the lock) is in that
+        turn's history.
         """
         await self.make_store()
         key = {"class": store_module._LOCK_CLASS, "appid": "snap"}
-        slow = store_module._BEGIN_TURN.replace(
-            store_module._TRY_LOCK, store_module._TRY_LOCK + " FROM (SELECT pg_sleep(0.3)) AS pause", 1
+        # chatterd's function, slowed down before it tries the lock
+        slow = store_module.BEGIN_TURN_FUNCTION.replace("chatterd_begin_turn", "slow_begin_turn").replace(
+            "    IF NOT pg_try_advisory_lock", "    PERFORM pg_sleep(0.3);\n    IF NOT pg_try_advisory_lock", 1
         )
-        self.assertNotEqual(slow, store_module._BEGIN_TURN)
+        self.assertIn("pg_sleep", slow)
+        query(self.dsn, slow)
+        slow_begin = store_module._BEGIN_TURN.replace("chatterd_begin_turn", "slow_begin_turn")
 
         def turns() -> list[tuple[object, ...]]:
             with psycopg2.connect(self.dsn) as a, psycopg2.connect(self.dsn) as b:
@@ -187,7 +191,7 @@ class StoreTests(TestCase):
                 ending = threading.Timer(0.1, lambda: b.cursor().execute(store_module._END_TURN, reply))
                 ending.start()
                 cursor = a.cursor()
-                cursor.execute(slow, store_module._many("snap", user("prompt")))
+                cursor.execute(slow_begin, store_module._many("snap", user("prompt")))
                 rows = cursor.fetchall()
                 ending.join()
                 cursor.execute(store_module._UNLOCK, key)
