@@ -303,6 +303,12 @@ def parse_description(description: str) -> tuple[list[str], dict[str, str]]:
 
 _SSL_KEYS = ("port", "privateKey", "certKey")
 
+#: Connections the kernel queues for ``accept`` (Twisted's default is 50).  A
+#: burst of phones (a class starting at once, or reconnecting after a network
+#: blip) overflows a short queue while the reactor is busy, and each SYN the
+#: kernel drops costs that phone a second before it retries.
+DEFAULT_BACKLOG = 1024
+
 
 def server_endpoint(
     reactor: object, description: str, cert_path: Path, key_path: Path
@@ -313,12 +319,15 @@ def server_endpoint(
     ``ssl:`` descriptions are served with :func:`certificate_options`; one that
     names no ``privateKey`` uses ``cert_path``/``key_path``.  Any other
     description (``tcp:``, ``unix:``, ...) goes to ``serverFromString`` as is.
-    ``tcp:`` and ``ssl:`` listen with :class:`chatterd.eager.EagerPort`.
+    ``tcp:`` and ``ssl:`` listen with :class:`chatterd.eager.EagerPort`, and
+    with a backlog of :data:`DEFAULT_BACKLOG` unless the description gives one.
     """
     args, kwargs = parse_description(description)
     if args[0] != "ssl":
         if args[0] == "tcp":
             reactor = eager_reactor(reactor)
+            if "backlog" not in kwargs:
+                description += f":backlog={DEFAULT_BACKLOG}"
         return endpoints.serverFromString(reactor, description)
     for name, value in zip(_SSL_KEYS, args[1:]):
         kwargs.setdefault(name, value)
@@ -339,7 +348,7 @@ def server_endpoint(
         eager_reactor(reactor),
         int(kwargs["port"]),
         options,
-        backlog=int(kwargs.get("backlog", 50)),
+        backlog=int(kwargs.get("backlog", DEFAULT_BACKLOG)),
         interface=kwargs.get("interface", ""),
     )
 

@@ -216,16 +216,21 @@ class EagerClientTests(TestCase):
 class EndpointTests(TestCase):
     async def test_tcp_and_ssl_listen_eagerly(self) -> None:
         """
-        ``--listen tcp:...`` and ``ssl:...`` get eager ports; other kinds of
-        endpoint are Twisted's own.
+        ``--listen tcp:...`` and ``ssl:...`` get eager ports with a long
+        accept queue unless told otherwise; other kinds of endpoint are
+        Twisted's own.
         """
         certs = Path(self.mktemp())
         cert, key, _ = tls.ensure_certificate(certs)
-        for description in ("tcp:0:interface=127.0.0.1", "ssl:0:interface=127.0.0.1"):
+        for description, backlog in [("tcp:0:interface=127.0.0.1", tls.DEFAULT_BACKLOG),
+                                     ("ssl:0:interface=127.0.0.1", tls.DEFAULT_BACKLOG),
+                                     ("tcp:0:interface=127.0.0.1:backlog=7", 7),
+                                     ("ssl:0:interface=127.0.0.1:backlog=7", 7)]:
             endpoint = tls.server_endpoint(reactor, description, cert, key)
             port = await endpoint.listen(Factory.forProtocol(Protocol))
             self.addCleanup(port.stopListening)
             self.assertIsInstance(port, eager.EagerPort, description)
+            self.assertEqual(port.backlog, backlog, description)  # not Twisted's 50: bursts of phones
         unix = tls.server_endpoint(reactor, f"unix:{certs / 's'}", cert, key)
         self.assertIs(unix._reactor, reactor)
         for other in (object(), MemoryReactorClock()):  # a test's fake reactor binds nothing for real
