@@ -145,20 +145,25 @@ class IChattStore(Interface):
 
 # --- SQL -------------------------------------------------------------------------
 
-#: ``/llmchat``'s first round trip, as a function so that its plans are made
+#: The first round trip of a turn, as a function so that its plans are made
 #: once per connection (half the server's work of the same SQL sent as text):
-#: take the appID's turn (a session advisory lock), store the new messages in
-#: order, return the history.  VOLATILE, so each statement takes a fresh
-#: snapshot: the history, read after the lock, has what the turn before
-#: committed.  Not taken: one row of NULLs, and nothing stored.
+#: take the appID's turn (a session advisory lock), delete its rows if
+#: ``replace`` (``/llmprep``), store the new messages in order, return the
+#: history.  VOLATILE, so each statement takes a fresh snapshot: what it reads
+#: and deletes, after the lock, includes what the turn before committed.  Not
+#: taken: one row of NULLs, and nothing changed.
 BEGIN_TURN_FUNCTION = """
-CREATE OR REPLACE FUNCTION chatterd_begin_turn(lock_class integer, app text, roles text[], contents text[])
+CREATE OR REPLACE FUNCTION chatterd_begin_turn(
+    lock_class integer, app text, roles text[], contents text[], replace boolean)
 RETURNS TABLE (seq bigint, role text, content text)
 LANGUAGE plpgsql VOLATILE AS $fn$
 BEGIN
     IF NOT pg_try_advisory_lock(lock_class, hashtext(app)) THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text;
         RETURN;
+    END IF;
+    IF replace THEN
+        DELETE FROM chatts AS c WHERE c.appid = app;
     END IF;
     INSERT INTO chatts (username, message, id, time, appid)
     SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
@@ -215,41 +220,23 @@ SELECT username, message, id::text, time, seq FROM chatts
 # An appID's turn across processes is a session-level advisory lock, keyed
 # (class, hash of appID), taken in the round trip of the turn's first write and
 # given back in that of its last (after a COMMIT, so that the next turn sees
-# it).  The lock is tried before anything is read: in ``BEGIN_TURN_FUNCTION``,
-# or (``/llmprep``) in a statement of its own that notes the answer for the
-# rest of the transaction; each later statement takes a fresh snapshot, so it
-# sees whatever the previous holder committed before unlocking.  A hash
+# it).  The lock is tried before anything is read (``BEGIN_TURN_FUNCTION``),
+# and each later statement takes a fresh snapshot, so it sees whatever the
+# previous holder committed before unlocking.  A hash
 # collision makes two appIDs share a lock: harmless, they only take turns.  A
 # failed attempt stores nothing; a failure after the lock was taken leaves it
 # held (session locks ignore rollback), so it is given back.
 _LOCK_CLASS = 1667788099
 #: How many times an unlock waits ``--db-wait`` for its busy connection.
 _UNLOCK_TRIES = 6
-_TRY_LOCK = "SELECT pg_try_advisory_lock(%(class)s, hashtext(%(appid)s))"
-_TAKE_TURN = f"SELECT set_config('chatterd.turn', ({_TRY_LOCK})::text, true);"
-_IN_TURN = "current_setting('chatterd.turn')::boolean"
 _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 
-#: The new messages, in order, if the turn was taken (``/llmprep``).
-_ADD_IN_TURN = f"""
-INSERT INTO chatts (username, message, id, time, appid)
-SELECT r, m, gen_random_uuid(), clock_timestamp(), %(appid)s
-  FROM unnest(%(roles)s::text[], %(contents)s::text[]) WITH ORDINALITY AS t(r, m, n)
- WHERE {_IN_TURN}
- ORDER BY n;
-"""
-
-#: Take the turn, append the messages and read the history, in one round trip
-#: (``BEGIN_TURN_FUNCTION``).  Rows are (seq, role, content); a single row of
-#: NULLs means "not your turn" (and nothing was stored).
+#: Take the turn, (replace or) append the messages and read the history, in
+#: one round trip (``BEGIN_TURN_FUNCTION``).  Rows are (seq, role, content); a
+#: single row of NULLs means "not your turn" (and nothing was changed).
 _BEGIN_TURN = """
-SELECT seq, role, content FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[]);
-"""
-
-#: ``/llmprep``: take the turn and replace the history; ``_UNLOCK`` follows.
-_REPLACE_IN_TURN = f"""{_TAKE_TURN}
-DELETE FROM chatts WHERE {_IN_TURN} AND appid = %(appid)s;{_ADD_IN_TURN}
-SELECT {_IN_TURN};
+SELECT seq, role, content
+  FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[], %(replace)s);
 """
 
 #: Store the reply, commit, then give the turn back, in one round trip.  (No
@@ -258,31 +245,31 @@ SELECT {_IN_TURN};
 _END_TURN = _INSERT_ONE + "COMMIT;" + _UNLOCK
 
 
-def _holds(outcome: Any, taken: Callable[[Any], bool]) -> bool:
+def _taken(rows: list[tuple[Any, ...]]) -> bool:
     """
-    Whether a statement that tries an appID's lock may have left it held:
-    it took it, or it ran and failed afterwards.  (A ``StoreUnavailable``
-    statement never ran, or its connection, and the lock with it, is gone.)
+    Whether ``_BEGIN_TURN`` got the turn.
     """
-    if isinstance(outcome, Failure):
-        return not outcome.check(StoreUnavailable)
-    return taken(outcome)
-
-
-def _taken_begin(rows: list[tuple[Any, ...]]) -> bool:
     return rows != [(None, None, None)]
 
 
-def _taken_replace(rows: list[tuple[Any, ...]]) -> bool:
-    return bool(rows[0][0])
+def _holds(outcome: Any) -> bool:
+    """
+    Whether a ``_BEGIN_TURN`` may have left its appID's lock held: it took
+    it, or it ran and failed afterwards.  (A ``StoreUnavailable`` statement
+    never ran, or its connection, and the lock with it, is gone.)
+    """
+    if isinstance(outcome, Failure):
+        return not outcome.check(StoreUnavailable)
+    return _taken(outcome)
 
 
-def _many(appid: str, messages: Sequence[Message]) -> dict[str, Any]:
+def _many(appid: str, messages: Sequence[Message], *, replace: bool = False) -> dict[str, Any]:
     return {
         "class": _LOCK_CLASS,
         "appid": appid,
         "roles": [m["role"] for m in messages],
         "contents": [m["content"] for m in messages],
+        "replace": replace,
     }
 
 
@@ -293,18 +280,18 @@ def _many(appid: str, messages: Sequence[Message]) -> dict[str, Any]:
 _SESSION_ENDED = frozenset(["57P01", "57P02", "57P03"])  # admin/crash shutdown, cannot connect now
 
 
-def _connection_lost(f: Failure) -> bool:
+def _connection_lost(error: BaseException) -> bool:
     """
-    Whether a failure means the connection is gone: a client-side error, a
+    Whether an error means the connection is gone: a client-side error, a
     connection exception (class 08) or the server ending the session.  An
     error of one statement on a live connection (a deadlock, a full disk, a
     cancelled query) is not: txpostgres would otherwise reconnect, dropping
     the advisory locks of every appID on that connection mid-stream.
     """
-    if f.check(psycopg2.InterfaceError, txpostgres.RollbackFailed):
+    if isinstance(error, (psycopg2.InterfaceError, txpostgres.RollbackFailed)):
         return True
-    if f.check(psycopg2.OperationalError):
-        code = f.value.pgcode
+    if isinstance(error, psycopg2.OperationalError):
+        code = error.pgcode
         return code is None or code.startswith("08") or code in _SESSION_ENDED
     return False
 
@@ -317,7 +304,7 @@ class _Detector(reconnection.DeadConnectionDetector):
 
     def __init__(self, reactor: IReactorTime) -> None:
         super().__init__(
-            deathChecker=_connection_lost,
+            deathChecker=lambda f: _connection_lost(f.value),
             reconnectionIterator=lambda: retrying.simpleBackoffIterator(
                 initialDelay=0.5, maxDelay=2.0, factor=1.5, maxRetries=0, now=True
             ),
@@ -599,7 +586,7 @@ class PostgresChattStore(Service):
             self._on_error("busy")
             raise StoreUnavailable("the database is busy, try again shortly") from e
         except (reconnection.ConnectionDead, psycopg2.Error, ConnectionClosed) as e:
-            if isinstance(e, psycopg2.Error) and not _connection_lost(Failure(e)):
+            if isinstance(e, psycopg2.Error) and not _connection_lost(e):
                 raise self._failed(e) from e
             self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
@@ -631,7 +618,7 @@ class PostgresChattStore(Service):
         return d.addCallback(lambda rows: [Chatt(*row) for row in rows])
 
     def begin_turn(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
-        d = ensureDeferred(self._in_turn(appid, _BEGIN_TURN, _many(appid, messages), timeout, _taken_begin))
+        d = ensureDeferred(self._begin_turn(appid, _many(appid, messages), timeout))
         return d.addCallback(lambda rows: [{"role": r, "content": m} for _, r, m in rows])
 
     def end_turn(self, appid: str, reply: str | None) -> Deferred[None]:
@@ -650,7 +637,7 @@ class PostgresChattStore(Service):
 
     def replace_history(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[None]:
         async def replace() -> None:
-            await self._in_turn(appid, _REPLACE_IN_TURN, _many(appid, messages), timeout, _taken_replace)
+            await self._begin_turn(appid, _many(appid, messages, replace=True), timeout)
             await self._unlock(appid)
 
         return _shield(ensureDeferred(replace()))
@@ -663,23 +650,22 @@ class PostgresChattStore(Service):
     def _locker(self, appid: str) -> ConnectionPool:
         return self._lockers[zlib.crc32(appid.encode()) % len(self._lockers)]
 
-    async def _in_turn(
-        self, appid: str, sql: str, params: dict[str, Any], timeout: float, taken: Callable[[Any], bool]
-    ) -> Any:
+    async def _begin_turn(self, appid: str, params: dict[str, Any], timeout: float) -> Any:
         """
-        Run ``sql``, which takes ``appid``'s lock and writes only if it got it,
-        until ``taken(rows)`` or ``timeout`` seconds have passed.  A failure, or
-        a caller that gives up meanwhile, leaves the lock given back.
+        Run ``_BEGIN_TURN`` until it gets the turn or ``timeout`` seconds have
+        passed.  A failure, or a caller that gives up meanwhile, leaves the
+        lock given back.
         """
+
         def abandoned(outcome: Any) -> None:
             # the caller gave up while the statement ran: give back what it took
-            if _holds(outcome, taken):
+            if _holds(outcome):
                 self._unlock(appid)
 
         deadline = self._reactor.seconds() + timeout
         pause = 0.02
         while True:
-            attempt = ensureDeferred(self._run("runQuery", sql, params, pool=self._locker(appid)))
+            attempt = ensureDeferred(self._run("runQuery", _BEGIN_TURN, params, pool=self._locker(appid)))
             try:
                 rows = await _shield(attempt, abandoned)
             except StoreUnavailable:
@@ -687,7 +673,7 @@ class PostgresChattStore(Service):
             except StoreError:
                 await self._unlock(appid)  # it may have failed after taking the lock
                 raise
-            if taken(rows):
+            if _taken(rows):
                 return rows
             if self._reactor.seconds() + pause > deadline:
                 raise LockTimeout("another chatterd is still streaming for this appID")
