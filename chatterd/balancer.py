@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_balancer -*-
+# -*- test-case-name: tests.test_operations -*-
 """
 Several Ollama servers behind one chatterd: which one takes a request.
 
@@ -21,9 +21,9 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
+from chatterd.logs import Logger
 from chatterd.ollama import OllamaClient, OllamaError, OllamaUnreachable
 
 log = Logger()

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_pgembed -*-
 """
 chatterd's private, embedded PostgreSQL server.
 
@@ -43,7 +44,8 @@ import psycopg2.errors
 from psycopg2 import sql
 from twisted.application.service import MultiService
 from twisted.internet import defer, threads
-from twisted.logger import Logger
+
+from chatterd.logs import Logger
 
 log = Logger()
 

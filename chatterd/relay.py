@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
 
 from chatterd import sse
 from chatterd.balancer import Balancer, Lease
+from chatterd.logs import Logger
 from chatterd.ollama import (
     BodyStream,
     OllamaError,

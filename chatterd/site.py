@@ -19,12 +19,11 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
-from chatterd.logs import info_line
+from chatterd.logs import Logger, info_line
 from chatterd.metrics import Metrics, route_of
 
 log = Logger()

@@ -36,10 +36,11 @@ from twisted.internet.defer import (
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
 from zope.interface import Interface, implementer
+
+from chatterd.logs import Logger
 
 log = Logger()
 T = TypeVar("T")

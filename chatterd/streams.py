@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_streams -*-
+# -*- test-case-name: tests.test_hardening -*-
 """
 Admission, turns and shutdown for the streaming routes (``/llmchat``, ``/llmprompt``).
 
@@ -32,8 +32,9 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
-from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+
+from chatterd.logs import Logger
 
 log = Logger()
 

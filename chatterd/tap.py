@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,12 +27,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from chatterd import tls
+from chatterd import logs, tls
 from chatterd.balancer import Balancer
+from chatterd.logs import Logger
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaClient, http_client
 from chatterd.relay import RelayConfig
@@ -236,6 +237,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     """
     if reactor is None:
         from twisted.internet import reactor
+    for stream in (sys.stdout, sys.stderr):  # where twistd's observers write
+        logs.never_fail_to_encode(stream)
     top = MultiService()
     announce: list[tuple[str, dict[str, Any]]] = []
 

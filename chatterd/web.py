@@ -17,7 +17,6 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
@@ -26,7 +25,7 @@ from zope.interface import implementer
 from chatterd import api
 from chatterd.api import ClientError
 from chatterd.balancer import Balancer
-from chatterd.logs import info_line
+from chatterd.logs import Logger, info_line
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaError
 from chatterd.relay import (
