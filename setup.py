@@ -29,7 +29,7 @@ setup(
         "prometheus-client>=0.26",
     ],
     extras_require={
-        "test": ["pytest>=9.2", "hypothesis>=6.150", "h2>=4.4"],
+        "test": ["hypothesis>=6.150", "h2>=4.4"],
     },
     entry_points={"console_scripts": ["chatterd-cert = chatterd.tls:main"]},
 )

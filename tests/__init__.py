@@ -1,3 +1,4 @@
 """
-chatterd's test suite.  Run it with ``./scripts/test`` (pytest driving trial test cases).
+chatterd's test suite: trial test cases.  Run it with ``scripts/test`` (trial,
+one worker per CPU) or ``python -m twisted.trial tests``.
 """

@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_tap -*-
 """
 The ``twistd chatterd`` plugin.  It imports nothing heavy: ``chatterd.tap`` is
 loaded only when the subcommand runs.  (No ``__init__.py`` may sit in
