@@ -31,6 +31,8 @@ from twisted.internet.posixbase import PosixReactorBase
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from chatterd.clients import AdmittingFactory, ConnectionLimit
+
 
 class _EagerWrites:
     """
@@ -67,8 +69,14 @@ class _EagerWrites:
 class EagerServer(_EagerWrites, tcp.Server):
     """
     A server-side TCP transport that writes to the socket at once when its
-    queue is empty.
+    queue is empty, and gives its client's place back when it closes.
     """
+
+    def connectionLost(self, reason: Any) -> None:
+        limit = getattr(self.server, "limit", None)
+        if limit is not None:
+            limit.closed(self.getPeer())
+        super().connectionLost(reason)
 
 
 class EagerClient(_EagerWrites, tcp.Client):
@@ -89,10 +97,18 @@ class EagerConnector(tcp.Connector):
 
 class EagerPort(tcp.Port):
     """
-    A TCP port whose connections are :class:`EagerServer`\\ s.
+    A TCP port whose connections are :class:`EagerServer`\\ s, and which
+    refuses at accept those that ``limit`` has no room for (if given).
     """
 
     transport = EagerServer
+
+    def __init__(self, port: int, factory: Any, backlog: int, interface: str, reactor: Any,
+                 limit: ConnectionLimit | None = None) -> None:
+        if limit is not None:
+            factory = AdmittingFactory(factory, limit)
+        super().__init__(port, factory, backlog, interface, reactor)
+        self.limit = limit
 
 
 @implementer(IReactorTCP, IReactorSSL)
@@ -103,11 +119,12 @@ class _EagerReactor:
     endpoints to connect with :class:`EagerConnector`.
     """
 
-    def __init__(self, reactor: Any) -> None:
+    def __init__(self, reactor: Any, limit: ConnectionLimit | None = None) -> None:
         self._reactor = reactor
+        self._limit = limit
 
     def listenTCP(self, port: int, factory: Any, backlog: int = 50, interface: str = "") -> EagerPort:
-        p = EagerPort(port, factory, backlog, interface, self._reactor)
+        p = EagerPort(port, factory, backlog, interface, self._reactor, self._limit)
         p.startListening()
         return p
 
@@ -129,14 +146,17 @@ class _EagerReactor:
         return self._reactor.connectSSL(*args, **kwargs)
 
 
-def eager_reactor(reactor: Any) -> Any:
+def eager_reactor(reactor: Any, limit: ConnectionLimit | None = None) -> Any:
     """
     What to give Twisted's ``tcp:``/``ssl:`` server endpoints and its
     ``TCP4ClientEndpoint``/``TCP6ClientEndpoint`` so that their connections
     send at once: on one of Twisted's reactors of file descriptors (epoll,
     poll, select, asyncio), a thin front for ``reactor``; on any other (IOCP,
     or a test's fake), ``reactor`` itself.
+
+    :param limit: connections per client for the ports it listens on (the
+        TLS handshake comes after the check: a refused connection costs none).
     """
     if isinstance(reactor, PosixReactorBase):
-        return _EagerReactor(reactor)
+        return _EagerReactor(reactor, limit)
     return reactor

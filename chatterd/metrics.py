@@ -56,6 +56,16 @@ class Metrics:
             "chatterd_client_disconnects",
             "Streams whose client left early (chatterd then closed the Ollama connection)", registry=r,
         )
+        self.http2_defences = Counter(
+            "chatterd_http2_defences",
+            "HTTP/2 streams refused or reset, and connections ended, by the edge's limits, by reason",
+            ["reason"], registry=r,
+        )
+        self.client_limit_refusals = Counter(
+            "chatterd_client_limit_refusals",
+            "Connections or streams refused because one client address held its share, by limit",
+            ["limit"], registry=r,
+        )
         self.active_streams = Gauge("chatterd_active_streams", "Streams in progress", registry=r)
         self.database_pool_in_use = Gauge("chatterd_database_pool_in_use", "Database connections in use", registry=r)
         self.ollama_in_flight = Gauge("chatterd_ollama_in_flight", "Requests open to Ollama servers", registry=r)

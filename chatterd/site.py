@@ -23,10 +23,14 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
+from chatterd.http2 import ChannelProtocol
 from chatterd.logs import Logger, info_line
 from chatterd.metrics import Metrics, route_of
 
 log = Logger()
+
+#: The ``Server`` header: what this is, not which versions of what it runs on.
+SERVER = b"chatterd"
 
 
 def json_body(request: IRequest, value: Any, status: int = 200) -> bytes:
@@ -63,9 +67,11 @@ class ChatterRequest(server.Request):
     A request that logs one access line when it ends, however it ends.
 
     :ivar refused: the channel answered it before it was complete (408, 413).
+    :ivar note: what the access line adds in brackets (a limit that refused it).
     """
 
     refused = False
+    note: str | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -85,6 +91,8 @@ class ChatterRequest(server.Request):
         method = self.method.decode("ascii", "replace")
         path = self.uri.decode("ascii", "replace")
         how = " (refused)" if self.refused else " (client left)" if left else ""
+        if self.note:
+            how += f" ({self.note})"
         info_line(
             log,
             f"{method} {path} {self.code} {self.sentLength}B {duration * 1000:.1f}ms{how}",
@@ -94,6 +102,7 @@ class ChatterRequest(server.Request):
             length=self.sentLength,
             duration_ms=duration * 1000,
             client=str(self.getClientAddress()),
+            **({"note": self.note} if self.note else {}),
         )
 
 
@@ -187,11 +196,12 @@ class _BadPath(resource.Resource):
         return json_body(request, {"error": "the path is not UTF-8 once percent-decoded"}, 400)
 
 
-def _channel(site: ChatterSite) -> http._GenericHTTPChannelProtocol:
+def _channel(site: ChatterSite) -> ChannelProtocol:
     """
-    A connection's protocol: ``ChatterChannel``, or HTTP/2 if ALPN picks it.
+    A connection's protocol: ``ChatterChannel``, or HTTP/2 with the same
+    limits (:mod:`chatterd.http2`) if ALPN picks it.
     """
-    return http._GenericHTTPChannelProtocol(ChatterChannel())
+    return ChannelProtocol(ChatterChannel())
 
 
 class ChatterSite(server.Site):
@@ -233,6 +243,8 @@ class ChatterSite(server.Site):
         The app, unless the path is not UTF-8 once unquoted: Klein would
         answer that with an HTML page before any route or error handler runs.
         """
+        request.setHeader(b"server", SERVER)  # not Twisted's name and exact version
+        request.setHeader(b"x-content-type-options", b"nosniff")  # a browser takes JSON as JSON
         try:
             unquote_to_bytes(request.path).decode("utf-8")
         except UnicodeDecodeError:

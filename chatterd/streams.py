@@ -34,6 +34,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.web.iweb import IRequest
 
+from chatterd.clients import Counts, client_of
 from chatterd.logs import Logger
 
 log = Logger()
@@ -42,13 +43,17 @@ log = Logger()
 class Busy(Exception):
     """
     chatterd cannot take this stream now: too many running, or shutting down.
+
+    :ivar limit: the per-client limit that refused it, if one did (for
+        metrics and the access log).
     """
 
     status = 503
 
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, limit: str | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.limit = limit
 
 
 class ShuttingDown(Exception):
@@ -124,6 +129,8 @@ class Streams(Service):
     them at shutdown.
 
     :param max_streams: the most streams at once.
+    :param max_client_streams: the most streams at once of one client
+        address (0: no such limit).
     :param grace: seconds running streams get to finish at shutdown.
     :param lock_wait: seconds a request waits for its appID's turn.
     """
@@ -135,11 +142,13 @@ class Streams(Service):
         *,
         clock: IReactorTime,
         max_streams: int = 1000,
+        max_client_streams: int = 0,
         grace: float = 30.0,
         lock_wait: float = 300.0,
     ) -> None:
         self._clock = clock
         self.max_streams = max_streams
+        self.per_client = Counts(max_client_streams)
         self.grace = grace
         self.lock_wait = lock_wait
         self._slots: set[Slot] = set()
@@ -183,6 +192,12 @@ class Streams(Service):
             raise _restarting()
         if len(self._slots) >= self.max_streams:
             raise Busy(f"chatterd is at its limit of {self.max_streams} streams, try again shortly", retry_after=2)
+        client = client_of(request.getClientAddress()) if request is not None else None
+        if not self.per_client.take(client):
+            raise Busy(
+                f"this address already has {self.per_client.limit} streams open, the most one client may "
+                "hold at once; try again when one has ended", retry_after=5, limit="streams",
+            )
         slot = Slot()
         self._slots.add(slot)
         # asked now: notifyFinish() asked after the request ended never fires
@@ -192,6 +207,7 @@ class Streams(Service):
             yield slot
         finally:
             self._slots.discard(slot)
+            self.per_client.give(client)
             finished.addCallback(lambda _: slot.ended.callback(None))
 
     @asynccontextmanager

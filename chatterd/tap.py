@@ -32,6 +32,7 @@ from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
 from chatterd import logs, tls
 from chatterd.balancer import Balancer
+from chatterd.clients import ConnectionLimit
 from chatterd.logs import Logger
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaClient, http_client
@@ -79,6 +80,30 @@ def _positive(kind: type, what: str) -> Any:
     return parse
 
 
+def _limit(what: str) -> Any:
+    """
+    A parser for a count that may be 0 (off).
+    """
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{what}: not a whole number: {value!r}") from None
+        if number < 0:
+            raise usage.UsageError(f"--{what}: must be 0 (off) or more, not {value}")
+        return number
+
+    return parse
+
+
+#: Connections one client address may hold at once: a lecture hall of phones
+#: behind one campus NAT address holds one or two each (HTTP/2 multiplexes
+#: every request on one), so 256 is far above normal use and still caps what
+#: one address can take (a TLS connection holds some 50-100 kB).
+DEFAULT_MAX_CLIENT_CONNECTIONS = 256
+
+
 class Options(usage.Options):
     """
     ``twistd chatterd`` options.
@@ -111,6 +136,13 @@ class Options(usage.Options):
         ["stall-timeout", None, 120.0, "Seconds Ollama may fall silent mid-stream.",
          _positive(float, "stall-timeout")],
         ["max-streams", None, 1000, "Most streams at once; more get 503.", _positive(int, "max-streams")],
+        ["max-client-connections", None, DEFAULT_MAX_CLIENT_CONNECTIONS,
+         "Most connections one client address may hold; more are closed at accept (0: no limit).",
+         _limit("max-client-connections")],
+        ["max-client-streams", None, None,
+         "Most /llmchat and /llmprompt streams one client address may hold; more get 503 "
+         "(0: no limit) [default: a quarter of --max-streams].",
+         _limit("max-client-streams")],
         ["lock-wait", None, 300.0,
          "Seconds a request waits for an earlier stream of the same appID.",
          _positive(float, "lock-wait")],
@@ -165,6 +197,10 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen: not an endpoint description: {description!r}")
         if not self["ollama"]:
             self["ollama"] = [ollama_url(os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)]
+        if self["max-client-streams"] is None:
+            # one address may hold a quarter: a class behind one NAT still
+            # fits, and three other addresses still find room
+            self["max-client-streams"] = max(1, self["max-streams"] // 4)
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format: text or json, not {self['log-format']!r}")
         if self["log-format"] == "json" and self.parent is not None:
@@ -302,6 +338,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     streams = Streams(
         clock=reactor,
         max_streams=options["max-streams"],
+        max_client_streams=options["max-client-streams"],
         grace=options["grace"],
         lock_wait=options["lock-wait"],
     )
@@ -329,9 +366,13 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         metrics=metrics,
     )
     metrics.watch(streams=streams, store=store, ollama=ollama)
+    connections = ConnectionLimit(
+        options["max-client-connections"], reactor,
+        on_refused=metrics.client_limit_refusals.labels("connections").inc,
+    )
     for description in options["listen"]:
         try:
-            endpoint = tls.server_endpoint(reactor, description, cert_path, key_path)
+            endpoint = tls.server_endpoint(reactor, description, cert_path, key_path, connections)
         except (ValueError, OSError) as e:
             raise usage.UsageError(f"--listen {description}: {e}") from None
         listener = StreamServerEndpointService(endpoint, site)

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import endpoints, interfaces, ssl
 
+from chatterd.clients import ConnectionLimit
 from chatterd.eager import eager_reactor
 
 CERT_FILE = "chatterd.crt"
@@ -311,7 +312,7 @@ DEFAULT_BACKLOG = 1024
 
 
 def server_endpoint(
-    reactor: object, description: str, cert_path: Path, key_path: Path
+    reactor: object, description: str, cert_path: Path, key_path: Path, limit: ConnectionLimit | None = None
 ) -> interfaces.IStreamServerEndpoint:
     """
     The listening endpoint for one ``--listen`` description.
@@ -320,12 +321,13 @@ def server_endpoint(
     names no ``privateKey`` uses ``cert_path``/``key_path``.  Any other
     description (``tcp:``, ``unix:``, ...) goes to ``serverFromString`` as is.
     ``tcp:`` and ``ssl:`` listen with :class:`chatterd.eager.EagerPort`, and
-    with a backlog of :data:`DEFAULT_BACKLOG` unless the description gives one.
+    with a backlog of :data:`DEFAULT_BACKLOG` unless the description gives one;
+    they refuse at accept the connections that ``limit`` has no room for.
     """
     args, kwargs = parse_description(description)
     if args[0] != "ssl":
         if args[0] == "tcp":
-            reactor = eager_reactor(reactor)
+            reactor = eager_reactor(reactor, limit)
             if "backlog" not in kwargs:
                 description += f":backlog={DEFAULT_BACKLOG}"
         return endpoints.serverFromString(reactor, description)
@@ -345,7 +347,7 @@ def server_endpoint(
         cert_path = Path(kwargs.get("certKey", kwargs["privateKey"]))
     options = certificate_options(cert_path, key_path, kwargs.get("extraCertChain"))
     return endpoints.SSL4ServerEndpoint(
-        eager_reactor(reactor),
+        eager_reactor(reactor, limit),
         int(kwargs["port"]),
         options,
         backlog=int(kwargs.get("backlog", DEFAULT_BACKLOG)),

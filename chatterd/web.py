@@ -182,6 +182,9 @@ class ChatterApp:
     @app.handle_errors(Busy)
     def _busy(self, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
+        if e.limit is not None:  # a per-client limit
+            self.metrics.client_limit_refusals.labels(e.limit).inc()
+            request.note = f"per-client {e.limit} limit"  # type: ignore[attr-defined]
         request.setHeader(b"retry-after", str(e.retry_after).encode())
         return json_body(request, {"error": str(e)}, e.status)
 

@@ -86,6 +86,21 @@ class OptionsTests(SynchronousTestCase):
         for argv in (["--heartbeat", "x"], ["--heartbeat", "0"], ["--max-body", "-1"], ["--max-body", "1.5"]):
             self.assertRaises(usage.UsageError, parse, *argv)
 
+    def test_per_client_limits(self) -> None:
+        """
+        By default one address may hold 256 connections and a quarter of
+        --max-streams streams; 0 turns either off; negatives are refused.
+        """
+        o = parse()
+        self.assertEqual((o["max-client-connections"], o["max-client-streams"]), (256, 250))
+        self.assertEqual(parse("--max-streams", "40")["max-client-streams"], 10)
+        self.assertEqual(parse("--max-streams", "3")["max-client-streams"], 1)
+        o = parse("--max-client-connections", "0", "--max-client-streams", "0")
+        self.assertEqual((o["max-client-connections"], o["max-client-streams"]), (0, 0))
+        self.assertEqual(parse("--max-client-streams", "7", "--max-streams", "8")["max-client-streams"], 7)
+        for argv in (["--max-client-connections", "-1"], ["--max-client-streams", "x"]):
+            self.assertRaises(usage.UsageError, parse, *argv)
+
     def test_bad_listen(self) -> None:
         """
         A --listen that is not an endpoint description is a usage error.
