@@ -1,8 +1,8 @@
 """
 The generated certificate and the TLS listener: a certificate that verifies
 for each of its names but cannot vouch for any other, a warning for the older
-ones that can, HTTP/2 by ALPN, TLS 1.2 as the floor, and a private key only
-its owner reads.
+ones that can, HTTP/2 by ALPN, TLS 1.2 as the floor with only AEAD suites with
+forward secrecy, and a private key only its owner reads.
 """
 
 from __future__ import annotations
@@ -561,6 +561,32 @@ async def listen(case: TestCase, description: str, cert: Path, key: Path) -> int
     return port.getHost().port  # type: ignore[no-any-return]
 
 
+def accepted_suites(port: int, cafile: str) -> set[str]:
+    """
+    The TLS 1.2 suites the server at ``port`` takes, of all this client knows,
+    offered one per handshake.
+    """
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.set_ciphers("ALL:@SECLEVEL=0")
+    accepted = set()
+    for suite in {c["name"] for c in probe.get_ciphers() if c["protocol"] == "TLSv1.2"}:
+        try:
+            agreed = tlsclient.handshake(
+                "127.0.0.1", port, cafile, maximum=ssl.TLSVersion.TLSv1_2, ciphers=f"{suite}:@SECLEVEL=0"
+            )
+        except ssl.SSLError:
+            continue
+        accepted.add(agreed.cipher)
+    return accepted
+
+
+#: Mozilla's "intermediate" TLS 1.2 suites for an ECDSA key.
+INTERMEDIATE_ECDSA = {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"}
+
+#: OpenSSL's default TLS 1.3 suites.
+TLS13_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
+
+
 class ListenerTests(TestCase):
     """
     A real TLS listener on 127.0.0.1 with chatterd's own certificate, and real
@@ -622,6 +648,42 @@ class ListenerTests(TestCase):
                 self.fail(f"{version.name} was accepted")
         agreed = await deferToThread(tlsclient.handshake, "127.0.0.1", self.port, str(self.cert), maximum=ssl.TLSVersion.TLSv1_2)
         self.assertEqual(agreed.version, "TLSv1.2")
+
+    async def test_tls12_cbc_fails_and_aead_works(self) -> None:
+        """
+        TLS 1.2 with a CBC suite fails (the server alerts handshake_failure);
+        with an AEAD suite with forward secrecy it works.
+        """
+        with self.assertRaises(ssl.SSLError) as caught:
+            await deferToThread(
+                tlsclient.handshake, "127.0.0.1", self.port, str(self.cert),
+                maximum=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-SHA256",
+            )
+        self.assertIn("HANDSHAKE_FAILURE", str(caught.exception))
+        agreed = await deferToThread(
+            tlsclient.handshake, "127.0.0.1", self.port, str(self.cert),
+            maximum=ssl.TLSVersion.TLSv1_2, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256",
+        )
+        self.assertEqual(agreed, ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"))
+
+    async def test_tls12_takes_only_the_intermediate_suites(self) -> None:
+        """
+        Of every TLS 1.2 suite this client's OpenSSL knows (CBC, CCM, static
+        RSA, ...), one per handshake, the server takes exactly Mozilla's
+        intermediate suites for its ECDSA key.
+        """
+        accepted = await deferToThread(accepted_suites, self.port, str(self.cert))
+        self.assertEqual(accepted, INTERMEDIATE_ECDSA)
+
+    async def test_tls13_is_unchanged(self) -> None:
+        """
+        TLS 1.3 works, with OpenSSL's default suites.
+        """
+        agreed = await deferToThread(
+            tlsclient.handshake, "127.0.0.1", self.port, str(self.cert), minimum=ssl.TLSVersion.TLSv1_3
+        )
+        self.assertEqual(agreed.version, "TLSv1.3")
+        self.assertIn(agreed.cipher, TLS13_SUITES)
 
     async def test_wrong_name_fails_verification(self) -> None:
         """
