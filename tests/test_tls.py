@@ -1,14 +1,15 @@
 """
-The generated certificate and the TLS listener: a certificate that verifies
+The generated certificate and the TLS listeners: a certificate that verifies
 for each of its names but cannot vouch for any other, a warning for the older
 ones that can, HTTP/2 by ALPN, TLS 1.2 as the floor with only AEAD suites with
-forward secrecy, and a private key only its owner reads.
+forward secrecy, served certificate chains, and a key only its owner reads.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import io
 import ipaddress
 import os
@@ -22,7 +23,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from klein import Klein
@@ -335,11 +336,15 @@ class CertificateTests(SynchronousTestCase):
 
     def test_fingerprint(self) -> None:
         """
-        The fingerprint is the SHA-256 of the DER, as colon-separated hex.
+        The fingerprint is the SHA-256 of the certificate's DER, as
+        colon-separated upper-case hex (computed here with the standard
+        library alone, from the PEM file).
         """
         cert_path, _, _ = tls.ensure_certificate(self.certs)
         fp = tls.fingerprint(tls.load_certificate(cert_path))
         self.assertRegex(fp, r"^([0-9A-F]{2}:){31}[0-9A-F]{2}$")
+        der = ssl.PEM_cert_to_DER_cert(cert_path.read_text())
+        self.assertEqual(fp.replace(":", ""), hashlib.sha256(der).hexdigest().upper())
 
     def test_validity_is_capped(self) -> None:
         """
@@ -580,8 +585,9 @@ def accepted_suites(port: int, cafile: str) -> set[str]:
     return accepted
 
 
-#: Mozilla's "intermediate" TLS 1.2 suites for an ECDSA key.
+#: Mozilla's "intermediate" TLS 1.2 suites for an ECDSA and an RSA key.
 INTERMEDIATE_ECDSA = {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-ECDSA-CHACHA20-POLY1305"}
+INTERMEDIATE_RSA = {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384", "ECDHE-RSA-CHACHA20-POLY1305"}
 
 #: OpenSSL's default TLS 1.3 suites.
 TLS13_SUITES = {"TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"}
@@ -697,3 +703,73 @@ class ListenerTests(TestCase):
 
         with self.assertRaises(ssl.SSLCertVerificationError):
             await deferToThread(connect)
+
+
+class OwnCertificateListenerTests(TestCase):
+    """
+    ``ssl:`` listeners with the operator's own certificate: a leaf signed by an
+    intermediate CA, served with its chain (``privateKey``, ``certKey``,
+    ``extraCertChain``), and an RSA certificate and key in one PEM file
+    (``privateKey`` alone).
+    """
+
+    def setUp(self) -> None:
+        self.dir = Path(self.mktemp())
+        self.dir.mkdir()
+        root_key, intermediate_key, leaf_key = new_key(), new_key(), new_key()
+        root = issue("Course Root CA", root_key, ca=True)
+        intermediate = issue("Course Intermediate CA", intermediate_key, (root, root_key), ca=True)
+        leaf = issue("chat.example", leaf_key, (intermediate, intermediate_key), sans=["chat.example", "127.0.0.1"])
+        self.root = write_pem(self.dir / "root.pem", root)
+        self.key = write_pem(self.dir / "leaf.key", leaf_key)
+        self.leaf = write_pem(self.dir / "leaf.pem", leaf)
+        self.chain = write_pem(self.dir / "chain.pem", intermediate)
+        # chatterd's own pair, which these listeners must not use
+        self.own_cert, self.own_key, _ = tls.ensure_certificate(self.dir / "certs")
+
+    async def test_extra_cert_chain_is_served(self) -> None:
+        """
+        A client that trusts only the root verifies the leaf, for its names
+        and with strict checks on and off, through the intermediate that
+        chatterd serves.
+        """
+        port = await listen(
+            self, f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.leaf}:extraCertChain={self.chain}",
+            self.own_cert, self.own_key,
+        )
+
+        def connect() -> None:
+            for name in ("127.0.0.1", "chat.example"):
+                for strict in (False, True):
+                    tlsclient.handshake("127.0.0.1", port, str(self.root), server_hostname=name, strict=strict)
+
+        await deferToThread(connect)
+        reply = await deferToThread(tlsclient.h2_request, "127.0.0.1", port, "/", str(self.root))
+        self.assertEqual((reply.alpn, reply.status, reply.body), ("h2", 200, b"hello"))
+
+    async def test_without_the_chain_the_leaf_does_not_verify(self) -> None:
+        """
+        The same leaf served without ``extraCertChain`` fails verification: the
+        chain above is what chatterd sent.
+        """
+        port = await listen(
+            self, f"ssl:0:interface=127.0.0.1:privateKey={self.key}:certKey={self.leaf}", self.own_cert, self.own_key
+        )
+        with self.assertRaises(ssl.SSLCertVerificationError) as caught:
+            await deferToThread(tlsclient.handshake, "127.0.0.1", port, str(self.root))
+        self.assertIn("unable to get local issuer certificate", str(caught.exception))
+
+    async def test_private_key_alone(self) -> None:
+        """
+        ``privateKey=`` alone names a PEM file holding both the key and the
+        certificate (here RSA); TLS 1.2 then takes only the intermediate
+        suites for RSA, so no static RSA key exchange.
+        """
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        cert = issue("127.0.0.1", key)
+        both = write_pem(self.dir / "both.pem", key, cert)
+        cafile = str(write_pem(self.dir / "rsa.pem", cert))
+        port = await listen(self, f"ssl:0:interface=127.0.0.1:privateKey={both}", self.own_cert, self.own_key)
+        reply = await deferToThread(tlsclient.https_request, "127.0.0.1", port, "/", cafile)
+        self.assertEqual((reply.status, reply.body), (200, b"hello"))
+        self.assertEqual(await deferToThread(accepted_suites, port, cafile), INTERMEDIATE_RSA)
