@@ -7,6 +7,13 @@ certificate that the user installs on the phone.  So the certificate must be a
 CA (phones install it as one), name every address the server may be reached by
 in its subjectAltName, and live no longer than 825 days (iOS refuses more).
 
+A phone trusts such a CA for every certificate it signs, so chatterd's cannot
+sign any: its key usage lacks ``keyCertSign``, and critical name constraints
+permit only its own names and addresses.  Verifiers differ in which of the two
+they honour in a trust anchor (OpenSSL, ``cryptography`` and iOS honour both;
+Android neither: see the README).  Older chatterd certificates have neither
+limit (see :func:`legacy_warning`).
+
 Run ``chatterd-cert --name 203.0.113.7 --force`` (or ``python -m chatterd.tls``)
 to make one for a public IP without starting the server.
 """
@@ -31,9 +38,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import endpoints, interfaces, ssl
+from twisted.logger import Logger
 
 from chatterd.clients import ConnectionLimit
 from chatterd.eager import eager_reactor
+
+log = Logger()
 
 CERT_FILE = "chatterd.crt"
 KEY_FILE = "chatterd.key"
@@ -116,6 +126,18 @@ def _general_name(name: str) -> x509.GeneralName:
         return x509.DNSName(name)
 
 
+def _name_constraints(names: Sequence[x509.GeneralName]) -> x509.NameConstraints:
+    """
+    Permit exactly ``names``: each host name (and, as RFC 5280 has it, its
+    subdomains) and each address as a /32 or /128.  A name form the certificate
+    does not use is limited to loopback, so that no form is left unconstrained.
+    """
+    dns = [n for n in names if isinstance(n, x509.DNSName)] or [x509.DNSName("localhost")]
+    ips = [ipaddress.ip_network(n.value) for n in names if isinstance(n, x509.IPAddress)]
+    ips = ips or [ipaddress.ip_network("127.0.0.1")]
+    return x509.NameConstraints(permitted_subtrees=[*dns, *map(x509.IPAddress, ips)], excluded_subtrees=None)
+
+
 # --- making and loading certificates ------------------------------------------
 
 
@@ -128,6 +150,11 @@ def make_certificate(
     """
     Make a self-signed P-256 certificate for ``names`` (host names or IP addresses).
 
+    It is a CA, so that phones install it as one, but it cannot vouch for any
+    other certificate: no ``keyCertSign`` (hence no path length either, which
+    RFC 5280 allows only with it) and critical name constraints that permit
+    only ``names``.
+
     :returns: ``(certificate PEM, private key PEM)``.
     """
     names = list(dict.fromkeys(names))
@@ -138,6 +165,7 @@ def make_certificate(
     now = now or datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
+    general_names = [_general_name(n) for n in names]
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -146,16 +174,17 @@ def make_certificate(
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days) - datetime.timedelta(minutes=5))
-        .add_extension(x509.SubjectAlternativeName([_general_name(n) for n in names]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=False,
+                digital_signature=True, key_cert_sign=False, crl_sign=False,
                 content_commitment=False, key_encipherment=False, data_encipherment=False,
                 key_agreement=False, encipher_only=False, decipher_only=False,
             ),
             critical=True,
         )
+        .add_extension(_name_constraints(general_names), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
@@ -197,6 +226,10 @@ def ensure_certificate(
     """
     Make ``chatterd.crt`` and ``chatterd.key`` in ``certs`` unless both exist.
 
+    An existing pair is never replaced without ``force`` (phones have that
+    certificate installed); if an older chatterd made it, a warning says how
+    to re-issue it (:func:`legacy_warning`).
+
     :param names: extra names (``--cert-name``) besides the host's own.
     :param force: replace an existing pair.
     :returns: ``(certificate path, key path, whether they were made now)``.
@@ -207,6 +240,9 @@ def ensure_certificate(
     if not force:
         have = cert_path.exists(), key_path.exists()
         if all(have):
+            warning = legacy_warning(load_certificate(cert_path), certs)
+            if warning:
+                log.warn("{notice}", notice=warning)
             return cert_path, key_path, False
         if any(have):
             present, missing = (cert_path, key_path) if have[0] else (key_path, cert_path)
@@ -235,6 +271,51 @@ def fingerprint(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
+def _extension(cert: x509.Certificate, kind: type[x509.ExtensionType]) -> x509.Extension | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def is_legacy(cert: x509.Certificate) -> bool:
+    """
+    Whether an older chatterd made ``cert``: a self-signed CA with path length
+    0, ``keyCertSign``, server-auth only, and no name constraints.  Every phone
+    that installed it trusts whatever its key signs, for any name.
+    """
+    constraints, usage, eku = (
+        _extension(cert, kind)
+        for kind in (x509.BasicConstraints, x509.KeyUsage, x509.ExtendedKeyUsage)
+    )
+    return (
+        cert.issuer == cert.subject
+        and constraints is not None and constraints.value.ca and constraints.value.path_length == 0
+        and usage is not None and usage.value.key_cert_sign
+        and eku is not None and list(eku.value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+        and _extension(cert, x509.NameConstraints) is None
+    )
+
+
+def legacy_warning(cert: x509.Certificate, certs: Path | str) -> str | None:
+    """
+    What to tell the operator about a certificate made by an older chatterd
+    (:func:`is_legacy`), with the command that re-issues it for the same
+    names; ``None`` for any other certificate.
+    """
+    if not is_legacy(cert):
+        return None
+    host = set(default_names())
+    extra = "".join(f" --name {n}" for n in certificate_names(cert) if n not in host)
+    return (
+        f"{Path(certs) / CERT_FILE} was made by an older chatterd: it can sign certificates "
+        "for any web site, and every phone that trusts it would trust those too, so anyone "
+        f"who copies {KEY_FILE} could intercept those phones' traffic to any site. Re-issue it "
+        f'with "chatterd-cert --certs {certs} --force{extra}", restart chatterd, then on every '
+        "phone remove the old certificate and install the new chatterd.crt."
+    )
+
+
 def certificate_names(cert: x509.Certificate) -> list[str]:
     """
     The host names and addresses in the certificate's subjectAltName.
@@ -250,12 +331,24 @@ def certificate_names(cert: x509.Certificate) -> list[str]:
 
 # --- TLS listeners -------------------------------------------------------------
 
+#: TLS 1.2 cipher suites: Mozilla's "intermediate" profile, that is ECDHE key
+#: exchange (forward secrecy) with AES-GCM or ChaCha20-Poly1305 (AEAD), for
+#: ECDSA and RSA certificates.  Its DHE suites are left out: they need DH
+#: parameters, cost more, and every phone the course supports has ECDHE.
+#: TLS 1.3 suites are set apart by OpenSSL and stay at its defaults.
+TLS12_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+
 
 def certificate_options(
     cert_path: Path | str, key_path: Path | str, chain_path: Path | str | None = None
 ) -> ssl.CertificateOptions:
     """
-    TLS settings for the server: TLS 1.2 or newer, ALPN ``h2`` and ``http/1.1``.
+    TLS settings for the server: TLS 1.2 or newer, TLS 1.2 with only
+    :data:`TLS12_CIPHERS`, ALPN ``h2`` and ``http/1.1``.
 
     Built from ``cryptography`` objects: Twisted's own ``ssl:`` parser hands
     pyOpenSSL ``X509``/``PKey`` objects to pyOpenSSL, which prints a
@@ -271,6 +364,7 @@ def certificate_options(
         certificate=load_certificate(cert_path),  # type: ignore[arg-type]
         extraCertChain=chain or None,  # type: ignore[arg-type]
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
     )
 
 
@@ -365,6 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="chatterd-cert",
         description="Make chatterd's self-signed certificate (chatterd.crt, chatterd.key).",
+        epilog=(
+            "The certificate cannot sign other certificates and is limited to its own names. "
+            "Certificates made by older versions of chatterd can sign a certificate for any "
+            "site, which every phone that trusts them would accept: re-issue such a "
+            "certificate with --force (and the same --name options), then install the new "
+            "chatterd.crt on every phone and remove the old one."
+        ),
     )
     parser.add_argument("--certs", default="certs", help="directory for the files (default: certs)")
     parser.add_argument(
@@ -383,6 +484,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{verb}: {cert_path}")
     print(f"SHA-256 fingerprint: {fingerprint(cert)}")
     print(f"valid until: {cert.not_valid_after_utc:%Y-%m-%d}; names: {', '.join(certificate_names(cert))}")
+    if made:
+        print("Install this chatterd.crt on every phone (and remove any older one), then (re)start chatterd.")
+    warning = legacy_warning(cert, options.certs)
+    if warning:
+        print(f"chatterd-cert: WARNING: {warning}", file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ import socket
 import ssl
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import h2.config
 import h2.connection
@@ -28,12 +29,27 @@ class Reply:
     chunks: list[bytes] = field(default_factory=list)
 
 
-def context(cafile: str, *, alpn: list[str] | None = None, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+class Agreed(NamedTuple):
+    version: str
+    cipher: str
+
+
+#: What Python 3.13's ``ssl.create_default_context`` adds to the verify flags.
+STRICT = ssl.VERIFY_X509_STRICT | ssl.VERIFY_X509_PARTIAL_CHAIN
+
+
+def context(
+    cafile: str, *, alpn: list[str] | None = None, maximum: ssl.TLSVersion | None = None,
+    strict: bool = False,
+) -> ssl.SSLContext:
     """
-    A client context that trusts only ``cafile`` and checks host names.
+    A client context that trusts only ``cafile`` and checks host names;
+    ``strict`` verifies as Python 3.13 does by default (:data:`STRICT`).
     """
     ctx = ssl.create_default_context(cafile=cafile)
     ctx.check_hostname = True
+    if strict:
+        ctx.verify_flags |= STRICT
     if alpn:
         ctx.set_alpn_protocols(alpn)
     if maximum is not None:
@@ -106,17 +122,28 @@ def https_request(
         conn.close()
 
 
-def handshake(host: str, port: int, cafile: str, *, maximum: ssl.TLSVersion) -> str:
+def handshake(
+    host: str, port: int, cafile: str, *, maximum: ssl.TLSVersion = ssl.TLSVersion.MAXIMUM_SUPPORTED,
+    minimum: ssl.TLSVersion | None = None, ciphers: str | None = None,
+    server_hostname: str | None = None, strict: bool = False,
+) -> Agreed:
     """
-    A bare TLS handshake capped at ``maximum``; returns the version agreed.
+    A bare TLS handshake to ``host`` between ``minimum`` and ``maximum``,
+    offering only ``ciphers`` (OpenSSL's names, TLS 1.2 and older) if given,
+    and verifying the certificate for ``server_hostname`` (default ``host``).
 
-    :raises ssl.SSLError: if the server refuses it.
+    :raises ssl.SSLError: if the server refuses it or verification fails.
     """
     with warnings.catch_warnings():  # ssl warns that TLS 1.0/1.1 are deprecated: that is the point
         warnings.simplefilter("ignore", DeprecationWarning)
-        ctx = context(cafile, maximum=maximum)
-    if maximum < ssl.TLSVersion.TLSv1_2:
+        ctx = context(cafile, maximum=maximum, strict=strict)
+        if minimum is not None:
+            ctx.minimum_version = minimum
+    if ciphers is not None:
+        ctx.set_ciphers(ciphers)
+    elif maximum < ssl.TLSVersion.TLSv1_2:
         ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
     with socket.create_connection((host, port), timeout=10) as raw:
-        with ctx.wrap_socket(raw, server_hostname=host) as sock:
-            return str(sock.version())
+        with ctx.wrap_socket(raw, server_hostname=server_hostname or host) as sock:
+            cipher = sock.cipher()
+            return Agreed(str(sock.version()), cipher[0] if cipher else "")
