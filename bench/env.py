@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,9 @@ class Chatterd:
     127.0.0.1, on the server cores, optionally profiled.
     """
 
-    def __init__(self, env: Env, dsn: str, name: str = "chatterd", wait_for_schema: bool = False) -> None:
+    def __init__(self, env: Env, dsn: str, name: str = "chatterd", wait_for_schema: bool = False,
+                 variant: Variant | None = None) -> None:
+        self.variant = variant = variant or env.variant
         self.port, self.ssl_port = procs.free_port(), procs.free_port()
         self.log = env.work / f"{name}-{env.next_id()}.log"
         self.profile_out: Path | None = None
@@ -114,9 +116,9 @@ class Chatterd:
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *twistd, "chatterd",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--listen", f"ssl:{self.ssl_port}:interface=127.0.0.1",
-                "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url]
+                "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url, *variant.args]
         self.child = procs.Child(name, argv, self.log, cpus=env.server_cpus,
-                                 env=procs.python_env(str(env.src)), cwd=str(env.work))
+                                 env=procs.python_env(str(variant.src)), cwd=str(env.work))
         self.pid = self.child.pid
         self.child.wait_for("listening on ssl", 60)
         if wait_for_schema:
@@ -149,12 +151,27 @@ class Chatterd:
         return found
 
 
+@dataclass(frozen=True)
+class Variant:
+    """
+    One chatterd to measure: a source tree and extra options.  Several
+    variants in one run are measured round by round, side by side.
+    """
+
+    label: str
+    src: Path
+    args: tuple[str, ...] = ()
+
+
 class Env:
     """Everything a scenario needs; use as a context manager."""
 
     def __init__(self, src: Path, *, pin: bool = True, profile: str | None = None, lifetime: float = 1800,
-                 keep: bool = False) -> None:
+                 keep: bool = False, variants: list[Variant] | None = None) -> None:
         self.src = src
+        self.variants = variants or [Variant("chatterd", src)]
+        self.variant = self.variants[0]
+        self.chatterds: dict[str, Chatterd] = {}
         self.keep = keep or profile is not None
         self.profile = profile
         self.lifetime = lifetime
@@ -196,19 +213,27 @@ class Env:
         self.db.start(self.lifetime)
         self.dsn = self.db.create("bench")
         self.emulator = Emulator(self.work, self.certs, self.load_cpus, self.lifetime)
-        self.chatterd = Chatterd(self, self.dsn)
+        for variant in self.variants:
+            self.chatterds[variant.label] = Chatterd(self, self.dsn, variant=variant)
+        self.use(self.variants[0])
+
+    def use(self, variant: Variant) -> None:
+        """Measure ``variant`` from now on (its chatterd runs already)."""
+        self.variant = variant
+        self.src = variant.src
+        self.chatterd = self.chatterds[variant.label]
 
     def restart_chatterd(self) -> None:
         """A fresh chatterd process (for memory figures that start from a clean heap)."""
         self.stop_chatterd(self.chatterd)
-        self.chatterd = Chatterd(self, self.dsn)
+        self.chatterd = self.chatterds[self.variant.label] = Chatterd(self, self.dsn)
 
     def stop_chatterd(self, chatterd: Chatterd) -> None:
         self.problems += chatterd.problems()
         chatterd.stop()
 
     def close(self) -> None:
-        for part in (self.chatterd, self.emulator):
+        for part in (*self.chatterds.values(), self.emulator):
             if part is None:
                 continue
             try:

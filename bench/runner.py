@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,9 +17,9 @@ import time
 import traceback
 from pathlib import Path
 
-from bench.env import BENCH_ROOT, Env
+from bench.env import BENCH_ROOT, Env, Variant
 from bench.profiles import profile_report
-from bench.report import Results, commit, machine, results_path, write_atomic
+from bench.report import Results, Summary, commit, machine, results_path, summarise, write_atomic
 from bench.scenarios import (
     FULL,
     QUICK,
@@ -47,6 +48,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--src", default=str(BENCH_ROOT), help="the chatterd checkout to run (default: this one)")
     p.add_argument("--rev", help="run this git revision of --src (exported to a temporary directory) "
                                  "instead of its working tree, e.g. HEAD")
+    p.add_argument("--against", action="append", default=[], metavar="REV",
+                   help="also measure this git revision of --src, round by round beside the main one, and "
+                        "compare (repeatable); e.g. --against HEAD~1 for a before/after in one run")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTIONS",
+                   help="also measure the main chatterd with these extra options, e.g. "
+                        "'2 workers=--workers 2' (repeatable)")
     p.add_argument("--profile", choices=["cprofile", "py-spy"], help="profile chatterd; writes a profile report")
     p.add_argument("--no-pin", action="store_true", help="do not pin server and load side to different CPUs")
     p.add_argument("--max-minutes", type=float, default=20.0, help="stop starting new rounds after this long")
@@ -74,7 +81,8 @@ def progress(started: float, text: str) -> None:
     print(f"[{time.monotonic() - started:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-def run_rounds(env: Env, z: Sizes, chosen: list[str], results: Results, started: float, budget: float) -> None:
+def run_rounds(env: Env, z: Sizes, chosen: list[str], results: dict[str, Results], started: float,
+               budget: float) -> None:
     reserve = G_RESERVE.get(z.g_rows, 30.0) if "g" in chosen else 0.0
 
     def over() -> bool:
@@ -89,11 +97,14 @@ def run_rounds(env: Env, z: Sizes, chosen: list[str], results: Results, started:
             if over():
                 results.note(name, f"round {r + 1} skipped: time budget spent")
                 continue
-            progress(started, f"round {r + 1}/{z.rounds}: ({name}) {TITLES[name]}")
-            if name == "d":
-                ROUND_SCENARIOS[name](env, z, r, results, over)
-            else:
-                ROUND_SCENARIOS[name](env, z, r, results)
+            for variant in env.variants:  # side by side, in the same round
+                env.use(variant)
+                label = f" [{variant.label}]" if len(env.variants) > 1 else ""
+                progress(started, f"round {r + 1}/{z.rounds}: ({name}) {TITLES[name]}{label}")
+                if name == "d":
+                    ROUND_SCENARIOS[name](env, z, r, results[variant.label], over)
+                else:
+                    ROUND_SCENARIOS[name](env, z, r, results[variant.label])
 
 
 def total_errors(results: Results) -> tuple[int, int]:
@@ -112,16 +123,27 @@ def d_qualifier(rounds: list[dict[str, float]]) -> str:
     return f" (load side limit reached first in {limited}/{len(rounds)} rounds)" if limited else ""
 
 
-def render(results: Results, env: Env, z: Sizes, args: argparse.Namespace, elapsed: float, label: str) -> str:
+def render(results: dict[str, Results], env: Env, z: Sizes, args: argparse.Namespace, elapsed: float,
+           label: str) -> str:
     title = "chatterd benchmark" + (" (smoke)" if args.smoke else " (quick)" if args.quick else "") \
         + (f" — profiled with {args.profile}, figures inflated" if args.profile else "")
-    parts = [f"# {title}", "", *machine(label, env.src, env.db.version if env.db else "?",
+    parts = [f"# {title}", "", *machine(label, env.variants[0].src, env.db.version if env.db else "?",
                                           (env.server_cpus, env.load_cpus), args.argv),
              f"- rounds: {z.rounds} ((d): {min(z.d_rounds, z.rounds)}), run time {elapsed / 60:.1f} min", "",
              "Medians over rounds, [min–max] over rounds; ratios and differences are taken per round "
              "(chatterd vs the direct path, back to back) and then summarised. "
-             "Absolute figures hold for this run only.", "", results.table(), "", "## Details", "",
-             results.details()]
+             "Absolute figures hold for this run only.", ""]
+    if len(env.variants) > 1:
+        parts += [f"Variants, measured side by side in every round: "
+                  + "; ".join(f"**{v.label}** ({v.src}{' ' + ' '.join(v.args) if v.args else ''})"
+                              for v in env.variants), "",
+                  "## Variants compared", "", compare(results, [v.label for v in env.variants]), ""]
+    for variant in env.variants:
+        own = results[variant.label]
+        if len(env.variants) > 1:
+            parts += [f"## {variant.label}", ""]
+        parts += [own.table(), "", f"### Details{' (' + variant.label + ')' if len(env.variants) > 1 else ''}",
+                  "", own.details(), ""]
     if env.problems:
         parts += ["", f"## chatterd's log: {len(env.problems)} error lines", "",
                   *[f"    {line}" for line in env.problems[:20]]]
@@ -139,37 +161,81 @@ def export(repo: Path, rev: str) -> tuple[Path, str]:
     return target, short
 
 
+def compare(results: dict[str, Results], labels: list[str]) -> str:
+    """
+    Each variant against the first, per round (the same scenario, back to
+    back in one round) and then summarised: for every row, the variant's
+    figure (chatterd vs direct, or chatterd's own) ÷ the first variant's.
+    """
+    base, others = labels[0], labels[1:]
+    head = f"| | metric | {base} | " + " | ".join(f"{o} | {o} ÷ {base}" for o in others) + " |"
+    lines = [head, "|---|---|---|" + "---|---|" * len(others)]
+    for row in ROWS:
+        mine = results[base].rounds.get(row.scenario)
+        if not mine:
+            continue
+        first = [summarise(row, [r]).compared for r in mine]
+        if not any(first):
+            continue
+        suffix = "×" if row.kind == "ratio" else (f" {row.unit}" if row.unit else "")
+        cells = [Summary.spread([c[0] for c in first if c]) + suffix]
+        for other in others:
+            theirs = [summarise(row, [r]).compared for r in results[other].rounds.get(row.scenario, [])]
+            ratios = [t[0] / f[0] for f, t in zip(first, theirs) if f and t and f[0]]
+            cells += [Summary.spread([t[0] for t in theirs if t]) + suffix, Summary.spread(ratios, "×")]
+        lines.append(f"| {row.scenario} | {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.rev:
-        src, label = export(Path(args.src).resolve(), args.rev)
-        try:
-            return _run(args, src, f"{label} ({args.rev}, exported)")
-        finally:
-            shutil.rmtree(src, ignore_errors=True)
-    src = Path(args.src).resolve()
-    return _run(args, src, commit(src))
+    exported: list[Path] = []
+    try:
+        repo = Path(args.src).resolve()
+        if args.rev:
+            src, short = export(repo, args.rev)
+            exported.append(src)
+            label = f"{short} ({args.rev}, exported)"
+        else:
+            src, label = repo, commit(repo)
+        variants = [Variant(label.split(" ")[0], src)]
+        variants += [Variant(text.partition("=")[0].strip(), src, tuple(shlex.split(text.partition("=")[2])))
+                     for text in args.variant]
+        for rev in args.against:
+            other, short = export(repo, rev)
+            exported.append(other)
+            variants.append(Variant(f"{short} ({rev})", other))
+        return _run(args, variants, label)
+    finally:
+        for path in exported:
+            shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, src: Path, label: str) -> int:
+def _run(args: argparse.Namespace, variants: list[Variant], label: str) -> int:
+    src = variants[0].src
     if str(src) not in sys.path:
         sys.path.insert(0, str(src))
     z = sizes_for(args)
-    results = Results(ROWS, TITLES, qualifiers={"d.held": d_qualifier},
-                      direct_prefixes={"d.held": d_direct_prefix})
+    results = {v.label: Results(ROWS, TITLES, qualifiers={"d.held": d_qualifier},
+                                direct_prefixes={"d.held": d_direct_prefix}) for v in variants}
+    first = results[variants[0].label]
     started = time.monotonic()
     budget = args.max_minutes * 60
     with Env(src, pin=not args.no_pin, profile=args.profile, lifetime=budget + 600,
-             keep=args.keep) as env:
+             keep=args.keep, variants=variants) as env:
         progress(started, f"database, emulator and chatterd up (work dir {env.work})")
         run_rounds(env, z, args.scenarios, results, started, budget)
         if "g" in args.scenarios:
             from bench.dbscale import scenario_g
 
             progress(started, f"(g) {TITLES['g']}: {z.g_rows:,} rows")
-            scenario_g(env, z, results)
+            env.use(variants[0])
+            scenario_g(env, z, first)
         progress(started, "stopping")
-    direct, chatterd = total_errors(results)
-    results.add("all", {"errors.direct": direct, "errors.chatterd": chatterd})
+    direct = chatterd = 0
+    for own in results.values():
+        d, c = total_errors(own)
+        own.add("all", {"errors.direct": d, "errors.chatterd": c})
+        direct, chatterd = direct + d, chatterd + c
     text = render(results, env, z, args, time.monotonic() - started, label)
     print(text)
     out = Path(args.out) if args.out else None
