@@ -84,14 +84,17 @@ class Metrics:
         """
         self.database_errors.labels(kind).inc()
 
-    def site(self) -> Site:
+    def site(self, extra: dict[bytes, Resource] | None = None) -> Site:
         """
-        A site serving the metrics at ``/metrics`` (and at ``/``).
+        A site serving the metrics at ``/metrics`` (and at ``/``), and
+        ``extra`` resources (for operators' eyes only) beside them.
         """
         root = Resource()
         resource = MetricsResource(registry=self.registry)
         root.putChild(b"metrics", resource)
         root.putChild(b"", resource)
+        for name, child in (extra or {}).items():
+            root.putChild(name, child)
         site = Site(root)
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]

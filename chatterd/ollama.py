@@ -67,6 +67,20 @@ class OllamaUnreachable(OllamaError):
     kind = "unreachable"
 
 
+class OllamaBadLine(OllamaError):
+    """
+    Ollama sent a line chatterd cannot read.
+
+    :ivar public: what a client is told (the line itself goes only to the log).
+    """
+
+    kind = "bad_line"
+
+    def __init__(self, public: str, line: bytes) -> None:
+        super().__init__(f"{public}: {_preview(line)}")
+        self.public = public
+
+
 class OllamaHTTPError(OllamaError):
     """
     Ollama answered with a status other than 200.
@@ -380,9 +394,9 @@ def parse_chat_line(line: bytes) -> tuple[str, bool]:
         if end != len(text):
             raise ValueError("extra data")
     except (ValueError, StopIteration):  # UnicodeDecodeError included; StopIteration: no value
-        raise OllamaError(f"Ollama sent a line that is not JSON: {_preview(line)}") from None
+        raise OllamaBadLine("Ollama sent a line that is not JSON", line) from None
     if not isinstance(obj, dict):
-        raise OllamaError(f"Ollama sent a line that is not a JSON object: {_preview(line)}")
+        raise OllamaBadLine("Ollama sent a line that is not a JSON object", line)
     if "error" in obj:
         raise OllamaError(f"Ollama: {obj['error']}")
     message = obj.get("message")

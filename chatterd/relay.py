@@ -35,8 +35,10 @@ from chatterd.balancer import Balancer, Lease
 from chatterd.logs import Logger
 from chatterd.ollama import (
     BodyStream,
+    OllamaBadLine,
     OllamaError,
     OllamaHTTPError,
+    OllamaUnreachable,
     describe_failure,
     parse_chat_line,
     read_error,
@@ -63,19 +65,36 @@ class RelayConfig:
     :ivar heartbeat: silence towards the phone after which ``: ping`` is written.
     :ivar first_byte_timeout: the longest wait for Ollama's first byte.
     :ivar stall_timeout: the longest silence from Ollama once it has started.
+    :ivar max_reply: the longest reply, in bytes of UTF-8, that a ``/llmchat``
+        stream gathers; past it the stream ends with an error (what came is stored).
     """
 
     heartbeat: float = 15.0
     first_byte_timeout: float = 300.0
     stall_timeout: float = 120.0
+    max_reply: int = 4 * 1024 * 1024
 
 
 class Truncated(OllamaError):
     """
     Ollama's stream ended without its ``done`` line.
+
+    :ivar detail: how the connection broke (for the log, not the client).
     """
 
     kind = "truncated"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class ReplyTooLong(OllamaError):
+    """
+    A reply grew past ``max_reply``.
+    """
+
+    kind = "reply_too_long"
 
 
 class OllamaTimeout(OllamaError):
@@ -143,7 +162,10 @@ class WriteBatcher:
         self._call = None
         pending, self._pending = self._pending, {}
         for request, parts in pending.items():
-            request.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            try:
+                request.write(parts[0] if len(parts) == 1 else b"".join(parts))
+            except Exception:  # that request's own trouble: the others' frames still go
+                log.failure("a stream's write failed; the other streams' writes go on")
 
 
 @dataclass(frozen=True)
@@ -167,6 +189,8 @@ class _Relay:
 
     outcome = "running"
     error_kind: str | None = None
+    #: the whole description of what ended it (for the log; the client gets less)
+    error_detail: str | None = None
     #: How a stream that stops short is reported (the two routes word it apart).
     _broke_off = "Ollama's stream broke off"
     _ended_early = "Ollama's stream ended before its last line (truncated)"
@@ -309,7 +333,7 @@ class _Relay:
         except Exception as e:  # the connection broke: ResponseFailed and kin
             if self.done:
                 return
-            raise Truncated(f"{self._broke_off}: {describe_failure(e)}") from None
+            raise Truncated(self._broke_off, describe_failure(e)) from None
         rest = self._splitter.flush()
         if rest:
             self._on_line(rest)  # a last line without "\n" (stream: false)
@@ -342,6 +366,7 @@ class ChatRelay(_Relay):
         self._appid = appid
         self._store = store
         self._reply: list[str] = []
+        self._reply_left = relaying.config.max_reply
         self._heartbeat: IDelayedCall | None = None
         self._last_write = 0.0
         self.turn_ended = False
@@ -375,6 +400,13 @@ class ChatRelay(_Relay):
         self.frames += 1
         self._reply.append(content)
         self.done = done
+        if content:
+            self._reply_left -= len(content) if content.isascii() else len(content.encode("utf-8", "replace"))
+            if self._reply_left < 0 and not done:
+                raise ReplyTooLong(
+                    f"the reply grew past {self._config.max_reply} bytes, the most chatterd keeps; "
+                    "it was cut short (what came is stored)"
+                )
 
     async def _relay(self, body: bytes) -> None:
         await self._read_lines(await self._open("/api/chat", body))
@@ -420,7 +452,8 @@ class ChatRelay(_Relay):
         elif error is not None:
             self.outcome = "error"
             self.error_kind = error_kind(error)
-            self._write(sse.error_frame(_describe(error)))
+            self.error_detail = detail(error)
+            self._write(sse.error_frame(public_message(error)))
         else:
             self.outcome = "done"
         await self._end_turn(report=error is None)
@@ -437,12 +470,17 @@ class ChatRelay(_Relay):
         self.turn_ended = True
         try:
             await self._store.end_turn(self._appid, reply)
+        except CancelledError:
+            # The phone hung up while the reply was being stored (common right
+            # after "done"): the write goes on (the store shields it); nothing failed.
+            raise
         except Exception as e:  # StoreError, or a bug: either way the stream must end cleanly
-            log.error("could not store the reply for {appid}: {e}", appid=self._appid, e=e)
+            log.error("could not store the reply for {appid}: {e}", appid=self._appid, e=detail(e))
             if report:
                 self.outcome = "error"
                 self.error_kind = "database"
-                self._write(sse.error_frame(f"the reply could not be stored: {_describe(e)}"))
+                self.error_detail = detail(e)
+                self._write(sse.error_frame(f"the reply could not be stored: {public_message(e)}"))
 
     @property
     def reply(self) -> str:
@@ -490,8 +528,11 @@ class GenerateRelay(_Relay):
         try:
             response = await self._open("/api/generate", body)
         except OllamaHTTPError as error:
-            self.error_kind = error.kind
+            self.error_kind, self.error_detail = error.kind, detail(error)
             request.setResponseCode(error.status)
+            if ollama_said(error) is None:  # not Ollama's own words: say only what happened
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps({"error": public_message(error)}).encode()
             request.setHeader(b"content-type", error.content_type)
             return error.body
         request.setHeader(b"content-type", b"application/x-ndjson")
@@ -518,10 +559,10 @@ class GenerateRelay(_Relay):
             self.outcome = "client left"
             raise
         except Exception as e:
-            self.outcome, self.error_kind = "error", error_kind(e)
+            self.outcome, self.error_kind, self.error_detail = "error", error_kind(e), detail(e)
             if not request.startedWriting:  # type: ignore[attr-defined]
                 raise
-            line = json.dumps({"error": _describe(e)}).encode()
+            line = json.dumps({"error": public_message(e)}).encode()
             request.write((b"" if self._ended_line else b"\n") + line + b"\n")
             return None
         finally:
@@ -530,12 +571,49 @@ class GenerateRelay(_Relay):
         return answer
 
 
-def _describe(error: BaseException) -> str:
+def ollama_said(error: OllamaHTTPError) -> str | None:
     """
-    The message of an error frame: an Ollama or store error's own words,
-    never a traceback.
+    Ollama's own error message in an error answer (``{"error": "..."}``, the
+    words Ollama means for its clients), or ``None`` if the body is anything
+    else (a proxy's HTML page, a stack trace): that stays in chatterd's log.
     """
+    try:
+        obj = json.loads(error.body)
+    except ValueError:
+        return None
+    text = obj.get("error") if isinstance(obj, dict) else None
+    return text[:MAX_OLLAMA_TEXT] if isinstance(text, str) else None
+
+
+#: The most of Ollama's own error text passed on to a client.
+MAX_OLLAMA_TEXT = 500
+
+
+def public_message(error: BaseException) -> str:
+    """
+    What a client is told about ``error`` (in an error frame or a JSON
+    error): what failed, in words meant for the app's user and developer,
+    and nothing internal: no Ollama address, no socket error, no text that
+    did not come from Ollama's own error messages.  :func:`detail` is the
+    whole story, for the log.
+    """
+    if isinstance(error, OllamaHTTPError):
+        said = ollama_said(error)
+        return f"Ollama answered {error.status}" + (f": {said}" if said else "")
+    if isinstance(error, OllamaUnreachable):
+        return "cannot reach Ollama (see chatterd's log)"
+    if isinstance(error, OllamaBadLine):
+        return error.public
     if isinstance(error, (OllamaError, StoreError, ValueError, ShuttingDown)):
         return str(error)
     log.failure("unexpected error in a stream", Failure(error))
     return "chatterd failed while relaying the reply (see its log)"
+
+
+def detail(error: BaseException) -> str:
+    """
+    Everything known about ``error``, for chatterd's log.
+    """
+    text = str(error) or type(error).__name__
+    more = getattr(error, "detail", "")
+    return f"{text}: {more}" if more else text

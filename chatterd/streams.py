@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import (
@@ -38,6 +38,7 @@ from chatterd.clients import Counts, client_of
 from chatterd.logs import Logger
 
 log = Logger()
+T = TypeVar("T")
 
 
 class Busy(Exception):
@@ -121,6 +122,22 @@ class Slot:
             self.stream.abort(reason)
         elif self.waiting is not None:
             self.waiting.cancel()
+
+    async def interruptible(self, d: Deferred[T]) -> T:
+        """
+        Await ``d`` (a wait for the database, say, or for another process's
+        turn) such that shutdown ends the wait: then :class:`Busy`
+        ("restarting"), and ``d`` is cancelled.
+        """
+        self.waiting = d
+        try:
+            return await d
+        except CancelledError:
+            if self.aborted:
+                raise _restarting() from None
+            raise
+        finally:
+            self.waiting = None
 
 
 class Streams(Service):

@@ -40,13 +40,15 @@ from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
 from chatterd.streams import Streams
-from chatterd.web import ChatterApp
+from chatterd.web import ChatterApp, ReadinessResource
 
 log = Logger()
 
 DEFAULT_LISTEN = "ssl:443"
 DEFAULT_OLLAMA = "http://localhost:11434"
 DEFAULT_MAX_BODY = 1024 * 1024
+#: A reply of 4 MiB is about a million tokens, far past any model's context.
+DEFAULT_MAX_REPLY = 4 * 1024 * 1024
 
 
 def ollama_url(value: str) -> str:
@@ -136,6 +138,9 @@ class Options(usage.Options):
         ["stall-timeout", None, 120.0, "Seconds Ollama may fall silent mid-stream.",
          _positive(float, "stall-timeout")],
         ["max-streams", None, 1000, "Most streams at once; more get 503.", _positive(int, "max-streams")],
+        ["max-reply", None, DEFAULT_MAX_REPLY,
+         "Longest reply in bytes a /llmchat stream gathers; past it the stream ends with an error "
+         "(what came is stored).", _positive(int, "max-reply")],
         ["max-client-connections", None, DEFAULT_MAX_CLIENT_CONNECTIONS,
          "Most connections one client address may hold; more are closed at accept (0: no limit).",
          _limit("max-client-connections")],
@@ -347,6 +352,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         heartbeat=options["heartbeat"],
         first_byte_timeout=options["first-byte-timeout"],
         stall_timeout=options["stall-timeout"],
+        max_reply=options["max-reply"],
     )
     app = ChatterApp(
         store=store,
@@ -381,7 +387,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         announce.append(("listening on {listen}", {"listen": description}))
     if options["metrics"]:
         endpoint = endpoints.serverFromString(reactor, options["metrics"])
-        StreamServerEndpointService(endpoint, metrics.site()).setServiceParent(parent)
+        site = metrics.site({b"readyz": ReadinessResource(app)})
+        StreamServerEndpointService(endpoint, site).setServiceParent(parent)
         announce.append(("metrics on {listen}", {"listen": options["metrics"]}))
     if options["log-content"]:
         announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))

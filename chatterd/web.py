@@ -15,10 +15,12 @@ import json
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
@@ -35,6 +37,8 @@ from chatterd.relay import (
     RelayConfig,
     Relaying,
     WriteBatcher,
+    detail,
+    public_message,
 )
 from chatterd.site import json_body
 from chatterd.store import IChattStore, StoreError
@@ -117,6 +121,14 @@ class FlowControl:
             self._request.unregisterProducer()
 
 
+def _servers_state(servers: dict[str, str]) -> str:
+    """
+    The Ollama servers in one word, for the public ``/readyz``.
+    """
+    up = sum(1 for state in servers.values() if state == "ok")
+    return "ok" if up == len(servers) else "down" if not up else f"{up} of {len(servers)} up"
+
+
 # --- the application -------------------------------------------------------------
 
 
@@ -157,6 +169,7 @@ class ChatterApp:
         self.log_content = log_content
         self.ready_timeout = ready_timeout
         self.relaying = Relaying(ollama, clock, relay, WriteBatcher(clock))
+        self._readiness: dict[str, Any] | None = None
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -195,7 +208,7 @@ class ChatterApp:
         ``/llmchat`` reports it in its stream).
         """
         status = 504 if failure.check(OllamaTimeout) else 502
-        return json_body(request, {"error": str(failure.value)}, status)
+        return json_body(request, {"error": public_message(failure.value)}, status)
 
     @app.handle_errors(HTTPException)
     def _http_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -225,17 +238,40 @@ class ChatterApp:
     async def readyz(self, request: IRequest) -> bytes:
         """
         Readiness: the database answers a query and an Ollama server its
-        version, each within ``ready_timeout``; 503 says which part is down.
+        version, each within ``ready_timeout``; 503 says which part is down,
+        and nothing internal (the ``--metrics`` listener's ``/readyz`` and
+        the log say why).
+        """
+        ready, details = await self.readiness()
+        body = {
+            "status": details["status"],
+            "database": "ok" if details["database"] == "ok" else "down",
+            "ollama": _servers_state(details["ollama"]),
+        }
+        return json_body(request, body, 200 if ready else 503)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """
+        Whether chatterd is ready, and the whole story: each part's state
+        and, for a part that is down, why (Ollama servers by address).  A
+        change is logged.
         """
         try:
             await self.store.ping().addTimeout(self.ready_timeout, self.clock)
             database = "ok"
+        except CancelledError:
+            raise  # the client left: nothing was found down
         except Exception as e:
-            database = f"down: {e}" if str(e) else "down: no answer"
+            database = f"down: {detail(e)}" if str(e) else "down: no answer"
         ollama = await self.ollama.check()
         ready = database == "ok" and "ok" in ollama.values()
-        body = {"status": "ready" if ready else "not ready", "database": database, "ollama": ollama}
-        return json_body(request, body, 200 if ready else 503)
+        details = {"status": "ready" if ready else "not ready", "database": database, "ollama": ollama}
+        if details != self._readiness:
+            if self._readiness is not None or not ready:
+                log.info("readiness: {status}; database {database}; Ollama {ollama}", status=details["status"],
+                         database=database, ollama=", ".join(f"{u} {v}" for u, v in ollama.items()))
+            self._readiness = details
+        return ready, details
 
     # --- the Chatter APIs ---
 
@@ -285,9 +321,14 @@ class ChatterApp:
 
     @app.route("/llmprep", methods=["POST"], strict_slashes=False)
     async def llmprep(self, request: IRequest) -> bytes:
+        """
+        Replace an appID's history, in its turn (not in the middle of a
+        chat).  It may wait as long as a stream, so it counts as one: the
+        same admission limits, and shutdown ends its wait.
+        """
         chat = api.parse_chat(read_body(request), need_model=False)
-        async with self.streams.turn(chat.appid):  # not in the middle of a chat
-            await self.store.replace_history(chat.appid, chat.messages, self.streams.lock_wait)
+        async with self.streams.admitted(request) as slot, self.streams.turn(chat.appid, slot):
+            await slot.interruptible(self.store.replace_history(chat.appid, chat.messages, self.streams.lock_wait))
         return json_body(request, {})
 
     @app.route("/llmchat", methods=["POST"], strict_slashes=False)
@@ -298,7 +339,7 @@ class ChatterApp:
         """
         chat = api.parse_chat(read_body(request))
         async with self.streams.admitted(request) as slot, self.streams.turn(chat.appid, slot):
-            history = await self.store.begin_turn(chat.appid, chat.messages, self.streams.lock_wait)
+            history = await slot.interruptible(self.store.begin_turn(chat.appid, chat.messages, self.streams.lock_wait))
             relay = ChatRelay(request, self.relaying, appid=chat.appid, model=chat.model, store=self.store)
             slot.stream = relay
             try:
@@ -333,7 +374,7 @@ class ChatterApp:
         duration_ms = (self.clock.seconds() - relay.started_at) * 1000
         text = f"{route} stream {relay.outcome}"
         if relay.error_kind:
-            text += f" ({relay.error_kind})"
+            text += f" ({relay.error_kind}: {relay.error_detail})" if relay.error_detail else f" ({relay.error_kind})"
         text += ": "
         if "appid" in fields:
             text += f"appID {fields['appid']}, "
@@ -346,8 +387,33 @@ class ChatterApp:
             route=route,
             outcome=relay.outcome,
             error_kind=relay.error_kind,
+            error=relay.error_detail,
             frames=relay.frames,
             bytes=relay.bytes,
             duration_ms=duration_ms,
             **fields,
         )
+
+
+class ReadinessResource(Resource):
+    """
+    ``/readyz`` with the whole story (which Ollama server is down and why),
+    for the ``--metrics`` listener, which only operators reach.
+    """
+
+    isLeaf = True
+
+    def __init__(self, app: ChatterApp) -> None:
+        super().__init__()
+        self._app = app
+
+    def render_GET(self, request: IRequest) -> int:
+        def answer(result: tuple[bool, dict[str, Any]]) -> None:
+            ready, details = result
+            request.write(json_body(request, details, 200 if ready else 503))
+            request.finish()
+
+        Deferred.fromCoroutine(self._app.readiness()).addCallback(answer).addErrback(
+            lambda f: None if f.check(CancelledError) else log.failure("readiness failed", f)
+        )
+        return NOT_DONE_YET

@@ -154,6 +154,48 @@ class OverloadTests(HardeningTestCase):
         self.assertEqual(self.server.streams.active, 0)
 
 
+class PrepAdmissionTests(HardeningTestCase):
+    streams = {"max_streams": 1, "grace": 0.3}
+
+    async def test_llmprep_counts_against_the_stream_limit(self) -> None:
+        """
+        /llmprep may wait as long as a stream for its turn, so it takes a
+        stream's place: past max_streams it gets 503, nothing replaced.
+        """
+        self.emulator.models["stall"] = Behaviour(stall_after=1)
+        held = await self.server.open("/llmchat", chat(model="stall"))
+        await self.emulator.when_stalled()
+        response, body = await self.server.post("/llmprep", chat("be brief", appid="other"))
+        self.assertEqual(response.code, 503, body)
+        self.assertEqual(self.server.rows("other"), [])
+        self.emulator.release()
+        await held.done
+        response, _ = await self.server.post("/llmprep", chat("be brief", appid="other"))
+        self.assertEqual(response.code, 200)
+
+    async def test_shutdown_ends_a_wait_for_another_process(self) -> None:
+        """
+        A request waiting for another chatterd's turn of its appID (the
+        store's lock, not this process's) is ended by shutdown after the
+        grace period with 503, not after --lock-wait.
+        """
+        other = await self.chatterd(self.server.dsn)
+        self.emulator.models["stall"] = Behaviour(stall_after=1)
+        first = await other.open("/llmchat", chat("one", model="stall"))
+        await self.emulator.when_stalled()
+        waiting = Deferred.fromCoroutine(self.server.post("/llmchat", chat("two")))
+        await self.until(lambda: self.server.streams.active == 1, "the second request to wait")
+        started = time.monotonic()
+        await self.server.streams.stopService()
+        response, body = await waiting
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(response.code, 503)
+        self.assertIn("restarting", json.loads(body)["error"])
+        self.emulator.release()
+        await first.done
+        self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Hello, world!"])
+
+
 class OllamaTimeoutTests(HardeningTestCase):
     relay = RelayConfig(heartbeat=0.1, first_byte_timeout=0.6, stall_timeout=0.4)
 
@@ -199,9 +241,8 @@ class OllamaTimeoutTests(HardeningTestCase):
         started = time.monotonic()
         s = await server.open("/llmchat", chat())
         await s.done
-        error = self.error_of(s)
-        self.assertIn("cannot reach Ollama", error)
-        self.assertIn("timeout", error)
+        self.assertEqual(self.error_of(s), "cannot reach Ollama (see chatterd's log)")
+        self.assertEqual(server.metrics.registry.get_sample_value("chatterd_ollama_errors_total", {"kind": "unreachable"}), 1)
         self.assertLess(time.monotonic() - started, 5)
 
     async def test_slow_model_loading_within_the_limit_is_fine(self) -> None:
@@ -224,6 +265,8 @@ class OllamaTimeoutTests(HardeningTestCase):
 
 
 class BackpressureTests(HardeningTestCase):
+    relay = RelayConfig(max_reply=32 * 1024 * 1024)
+
     async def test_a_client_that_stops_reading_pauses_ollama(self) -> None:
         """
         When the phone stops reading, chatterd stops reading from Ollama

@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import psycopg2
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from chatterd.relay import RelayConfig
+from chatterd.relay import RelayConfig, WriteBatcher
 from tests.harness import Chatterd, Stream, query
 from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
 from tests.phone import AppWouldChoke, read_as_phone
@@ -39,13 +42,15 @@ def data_lines(body: bytes) -> list[bytes]:
 
 class LLMTestCase(TestCase):
     heartbeat = 15.0
+    relay: RelayConfig | None = None
 
     def setUp(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._setUp())
 
     async def _setUp(self) -> None:
         self.emulator: OllamaEmulator = await start_emulator(self)
-        self.server = await Chatterd(self, ollama=self.emulator.url, relay=RelayConfig(heartbeat=self.heartbeat)).start()
+        relay = self.relay or RelayConfig(heartbeat=self.heartbeat)
+        self.server = await Chatterd(self, ollama=self.emulator.url, relay=relay).start()
 
     async def stream(self, body: Any, path: str = "/llmchat") -> Stream:
         """
@@ -56,6 +61,21 @@ class LLMTestCase(TestCase):
         if path == "/llmchat" and s.response.code == 200:
             read_as_phone(s.body)
         return s
+
+    async def assertOneError(self, s: Stream, words: str) -> str:
+        """
+        The stream is a 200 that ends cleanly with exactly one error frame, last.
+        """
+        self.assertEqual(s.response.code, 200)
+        view = read_as_phone(s.body)
+        self.assertEqual(len(view.errors), 1, s.body)
+        self.assertTrue(s.body.endswith(b"\n\n"))
+        last = s.body.rsplit(b"event: error\n", 1)[1]
+        self.assertTrue(last.startswith(b"data: {\"error\": "))
+        message = json.loads(last[len(b"data: "):])["error"]
+        self.assertIn(words, message)
+        self.assertNotIn(b"Processing Failed", s.body)  # Twisted's HTML error page
+        return message
 
     async def until(self, predicate: Any, what: str, timeout: float = 10.0) -> None:
         """
@@ -171,31 +191,16 @@ class ChatStreamTests(LLMTestCase):
 
 
 class ChatFailureTests(LLMTestCase):
-    async def assertOneError(self, s: Stream, words: str) -> str:
-        """
-        The stream is a 200 that ends cleanly with exactly one error frame, last.
-        """
-        self.assertEqual(s.response.code, 200)
-        view = read_as_phone(s.body)
-        self.assertEqual(len(view.errors), 1, s.body)
-        self.assertTrue(s.body.endswith(b"\n\n"))
-        last = s.body.rsplit(b"event: error\n", 1)[1]
-        self.assertTrue(last.startswith(b"data: {\"error\": "))
-        message = json.loads(last[len(b"data: "):])["error"]
-        self.assertIn(words, message)
-        self.assertNotIn(b"Processing Failed", s.body)  # Twisted's HTML error page
-        return message
-
     async def test_ollama_unreachable(self) -> None:
         """
-        Ollama refusing connections: one error frame naming the URL; the
-        prompt stays stored, no reply row.
+        Ollama refusing connections: one error frame that says so without
+        its (internal) address; the prompt stays stored, no reply row.
         """
         url = f"http://127.0.0.1:{closed_port()}"
         self.server.ollama.servers[0].client.url = url
         s = await self.stream(chat())
-        message = await self.assertOneError(s, url)
-        self.assertIn("cannot reach Ollama", message)
+        message = await self.assertOneError(s, "cannot reach Ollama")
+        self.assertNotIn("127.0.0.1", message)
         self.assertEqual(self.server.rows(APP), [("user", "Hi", APP)])
 
     async def test_model_not_found(self) -> None:
@@ -280,6 +285,36 @@ class ChatFailureTests(LLMTestCase):
         self.flushLoggedErrors()
 
 
+class ReplyLimitTests(LLMTestCase):
+    relay = RelayConfig(max_reply=1000)
+
+    async def test_a_reply_past_the_limit_is_cut(self) -> None:
+        """
+        A reply past max_reply ends with one error frame; the connection to
+        Ollama is closed and what came is stored.
+        """
+        self.emulator.models["long"] = Behaviour(reply=["é" * 100] * 50, delay=0.01)  # 200 bytes a line
+        s = await self.stream(chat(model="long"))
+        message = await self.assertOneError(s, "grew past 1000 bytes")
+        self.assertLess(len(data_lines(s.body)), 50)
+        stored = self.server.rows(APP)[-1]
+        self.assertEqual(stored[0], "assistant")
+        self.assertGreater(len(stored[1].encode()), 1000)
+        self.assertLess(len(stored[1].encode()), 1400)
+        self.assertEqual(await self.emulator.requests[0].ended(), "client_left")
+        self.assertIn("(what came is stored)", message)
+
+    async def test_a_reply_within_the_limit_is_whole(self) -> None:
+        """
+        A reply of exactly max_reply bytes is no error.
+        """
+        self.emulator.models["fits"] = Behaviour(reply=["x" * 100] * 10)
+        s = await self.stream(chat(model="fits"))
+        await s.done
+        self.assertEqual(read_as_phone(s.body).errors, [])
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "x" * 1000, APP))
+
+
 class HeartbeatTests(LLMTestCase):
     heartbeat = 0.1
 
@@ -324,6 +359,34 @@ class DisconnectTests(LLMTestCase):
         await self.until(lambda: len(self.server.rows(APP)) == 2, "the partial reply")
         self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Half a", APP))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    async def test_hanging_up_right_after_done_is_a_normal_end(self) -> None:
+        """
+        A phone that hangs up as soon as it has the "done" line, while the
+        reply is still being stored (common): the reply is stored, and the
+        stream is logged as done, not as a database failure.
+        """
+        self.emulator.models["stall"] = Behaviour(reply=["All", " of it"], stall_after=1)
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        s = await self.server.open("/llmchat", chat(model="stall"))
+        await self.emulator.when_stalled()
+        blocker = psycopg2.connect(self.server.dsn)  # inserts wait behind its lock
+        self.addCleanup(blocker.close)
+        blocker.cursor().execute("LOCK TABLE chatts IN SHARE MODE")
+        self.emulator.release()
+        await s.received(b'"done":true')
+        s.close()
+        await deferLater(reactor, 0.2)
+        blocker.rollback()
+        await self.until(lambda: len(self.server.rows(APP)) == 2, "the reply")
+        self.assertEqual(self.server.rows(APP)[-1], ("assistant", "All of it", APP))
+        [event] = [e for e in events if "outcome" in e]
+        self.assertEqual((event["outcome"], event["error_kind"]), ("done", None))
+        self.assertFalse([e for e in events if "could not store" in formatEvent(e)])
+        self.assertIsNone(self.server.metrics.registry.get_sample_value(
+            "chatterd_database_errors_total", {"kind": "reply_insert"}))
 
     async def test_client_leaving_while_ollama_loads(self) -> None:
         """
@@ -443,6 +506,33 @@ class LLMPromptTests(LLMTestCase):
         record = await self.emulator.when_stalled()
         s.close()
         self.assertEqual(await record.ended(), "client_left")
+
+
+class WriteBatcherTests(SynchronousTestCase):
+    def test_one_failing_write_loses_no_other_streams_frames(self) -> None:
+        """
+        If one request's write raises (it was finished, say), the other
+        streams' frames of that pass are still written.
+        """
+
+        class Request:
+            def __init__(self, broken: bool = False) -> None:
+                self.broken, self.written = broken, []
+
+            def write(self, data: bytes) -> None:
+                if self.broken:
+                    raise RuntimeError("Request.write called on a request after Request.finish was called.")
+                self.written.append(data)
+
+        clock = Clock()
+        batcher = WriteBatcher(clock)
+        first, broken, last = Request(), Request(broken=True), Request()
+        for request in (first, broken, last):
+            batcher.write(request, b"a")
+            batcher.write(request, b"b")
+        clock.advance(0)
+        self.assertEqual((first.written, last.written), ([b"ab"], [b"ab"]))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class PhoneParserTests(TestCase):

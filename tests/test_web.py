@@ -34,6 +34,16 @@ class ChatterAPITests(TestCase):
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
         self.assertEqual(json.loads(body), "EECS Reactive chatterd")
 
+    async def test_the_server_header_names_no_versions(self) -> None:
+        """
+        Every answer says ``Server: chatterd``, not Twisted's name and exact
+        version, and tells browsers not to sniff content types.
+        """
+        for path in ("/", "/no/such/path", "/getchatts"):
+            response, _ = await self.server.get(path)
+            self.assertEqual(response.headers.getRawHeaders(b"server"), [b"chatterd"], path)
+            self.assertEqual(response.headers.getRawHeaders(b"x-content-type-options"), [b"nosniff"], path)
+
     async def test_post_then_get(self) -> None:
         """
         Posted chatts come back from ``/getchatts`` oldest first as
