@@ -124,10 +124,10 @@ def d_qualifier(rounds: list[dict[str, float]]) -> str:
 
 
 def render(results: dict[str, Results], env: Env, z: Sizes, args: argparse.Namespace, elapsed: float,
-           label: str) -> str:
+           label: str, main: Variant) -> str:
     title = "chatterd benchmark" + (" (smoke)" if args.smoke else " (quick)" if args.quick else "") \
         + (f" — profiled with {args.profile}, figures inflated" if args.profile else "")
-    parts = [f"# {title}", "", *machine(label, env.variants[0].src, env.db.version if env.db else "?",
+    parts = [f"# {title}", "", *machine(label, main.src, env.db.version if env.db else "?",
                                           (env.server_cpus, env.load_cpus), args.argv),
              f"- rounds: {z.rounds} ((d): {min(z.d_rounds, z.rounds)}), run time {elapsed / 60:.1f} min", "",
              "Medians over rounds, [min–max] over rounds; ratios and differences are taken per round "
@@ -197,38 +197,43 @@ def run(args: argparse.Namespace) -> int:
             label = f"{short} ({args.rev}, exported)"
         else:
             src, label = repo, commit(repo)
-        variants = [Variant(label.split(" ")[0], src)]
-        variants += [Variant(text.partition("=")[0].strip(), src, tuple(shlex.split(text.partition("=")[2])))
-                     for text in args.variant]
+        # the revisions to compare against come first: the table then shows
+        # this tree ÷ each of them, and each --variant ÷ this tree
+        main = Variant(label.split(" ")[0], src)
+        variants = []
         for rev in args.against:
             other, short = export(repo, rev)
             exported.append(other)
             variants.append(Variant(f"{short} ({rev})", other))
-        return _run(args, variants, label)
+        variants.append(main)
+        variants += [Variant(text.partition("=")[0].strip(), src, tuple(shlex.split(text.partition("=")[2])))
+                     for text in args.variant]
+        return _run(args, variants, main, label)
     finally:
         for path in exported:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, variants: list[Variant], label: str) -> int:
-    src = variants[0].src
+def _run(args: argparse.Namespace, variants: list[Variant], main: Variant, label: str) -> int:
+    src = main.src
     if str(src) not in sys.path:
         sys.path.insert(0, str(src))
     z = sizes_for(args)
     results = {v.label: Results(ROWS, TITLES, qualifiers={"d.held": d_qualifier},
                                 direct_prefixes={"d.held": d_direct_prefix}) for v in variants}
-    first = results[variants[0].label]
+    first = results[main.label]
     started = time.monotonic()
     budget = args.max_minutes * 60
     with Env(src, pin=not args.no_pin, profile=args.profile, lifetime=budget + 600,
              keep=args.keep, variants=variants) as env:
+        env.use(main)
         progress(started, f"database, emulator and chatterd up (work dir {env.work})")
         run_rounds(env, z, args.scenarios, results, started, budget)
         if "g" in args.scenarios:
             from bench.dbscale import scenario_g
 
             progress(started, f"(g) {TITLES['g']}: {z.g_rows:,} rows")
-            env.use(variants[0])
+            env.use(main)
             scenario_g(env, z, first)
         progress(started, "stopping")
     direct = chatterd = 0
@@ -236,7 +241,7 @@ def _run(args: argparse.Namespace, variants: list[Variant], label: str) -> int:
         d, c = total_errors(own)
         own.add("all", {"errors.direct": d, "errors.chatterd": c})
         direct, chatterd = direct + d, chatterd + c
-    text = render(results, env, z, args, time.monotonic() - started, label)
+    text = render(results, env, z, args, time.monotonic() - started, label, main)
     print(text)
     out = Path(args.out) if args.out else None
     if out is None and not args.smoke and not args.profile:
