@@ -102,7 +102,10 @@ class EdgeServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self.error = f"chatterd {' '.join(self.options)} exited with {self.process.returncode}:\n{self.output()}"
+                output = self.output()
+                last = output.strip().splitlines()[-1:] or [""]
+                self.error = (f"chatterd {' '.join(self.options)} exited with {self.process.returncode}: "
+                              f"{last[0]}\n{output}")
                 raise AssertionError(self.error)
             if "listening on" in self.output():
                 self._warm_up()
@@ -181,6 +184,9 @@ def server(name: str, options: list[str], *, metrics: bool = False) -> EdgeServe
 
 
 @atexit.register
-def _stop_all() -> None:
-    for s in _servers.values():
-        s.stop()
+def stop_all() -> None:
+    """Stop every server (at exit, or when a runner ends the module)."""
+    with _lock:
+        for s in _servers.values():
+            s.stop()
+        _servers.clear()

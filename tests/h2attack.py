@@ -53,9 +53,9 @@ from hyperframe.frame import (
 from tests.tlsclient import Reply, context
 
 __all__ = [
-    "INITIAL_WINDOW_SIZE", "MAX_WINDOW", "Attacker", "ErrorCodes", "GoAway", "MemoryWatch", "continuation", "data", "frame_header",
-    "header_block", "headers", "ping", "priority", "repeat", "rss", "rst_stream", "served", "settings",
-    "window_update",
+    "INITIAL_WINDOW_SIZE", "MAX_WINDOW", "Attacker", "ErrorCodes", "GoAway", "MemoryWatch", "Received", "code_name",
+    "continuation", "data", "frame_header", "header_block", "headers", "ping", "priority", "repeat", "rss",
+    "rst_stream", "served", "settings", "window_update",
 ]
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -143,6 +143,16 @@ def header_block(
 # --- the attacking connection ----------------------------------------------------
 
 
+def code_name(code: int | None) -> str:
+    """An HTTP/2 error code's name (``"none"`` for ``None``)."""
+    if code is None:
+        return "none"
+    try:
+        return ErrorCodes(code).name
+    except ValueError:
+        return hex(code)
+
+
 @dataclass
 class GoAway:
     error_code: int
@@ -150,11 +160,7 @@ class GoAway:
     debug: bytes
 
     def __str__(self) -> str:
-        try:
-            name = ErrorCodes(self.error_code).name
-        except ValueError:
-            name = hex(self.error_code)
-        return f"GOAWAY {name} (last stream {self.last_stream_id}, {self.debug!r})"
+        return f"GOAWAY {code_name(self.error_code)} (last stream {self.last_stream_id}, {self.debug!r})"
 
 
 @dataclass
@@ -180,6 +186,8 @@ class Received:
     settings_acks: int = 0
     frames: Counter[str] = field(default_factory=Counter)
     closed: str | None = None
+    #: A send timed out: the server stopped reading (the connection is unusable).
+    stalled: bool = False
 
     def status(self, stream_id: int) -> int | None:
         for name, value in self.headers.get(stream_id, []):
@@ -199,7 +207,10 @@ class Received:
     def summary(self) -> str:
         """One line for assertion messages."""
         goaway = str(self.goaway) if self.goaway else "no GOAWAY"
-        return f"{goaway}; closed: {self.closed}; resets: {dict(list(self.resets.items())[:5])}; frames: {dict(self.frames)}"
+        statuses = {s: self.status(s) for s in list(self.headers)[:5]}
+        resets = {s: code_name(c) for s, c in list(self.resets.items())[:5]}
+        closed = f"{self.closed}{' (a send stalled)' if self.stalled else ''}"
+        return f"{goaway}; closed: {closed}; statuses: {statuses}; resets: {resets}; frames: {dict(self.frames)}"
 
 
 class Attacker:
@@ -266,14 +277,18 @@ class Attacker:
 
     def send(self, payload: bytes) -> bool:
         """
-        Send ``payload`` whole; ``False`` (and :attr:`received` ``.closed``
-        set) if the connection broke.
+        Send ``payload`` whole; ``False`` if the connection broke (then
+        :attr:`received` ``.closed`` says how) or the server stopped reading
+        for the whole timeout (``.stalled``).
         """
-        if self.received.closed is not None:
+        if self.received.closed is not None or self.received.stalled:
             return False
         try:
             self.sock.sendall(payload)
             return True
+        except TimeoutError:
+            self.received.stalled = True
+            return False
         except (OSError, ssl.SSLError) as e:
             self._closed(e)
             return False
@@ -491,7 +506,8 @@ class Attacker:
             r.resets[frame.stream_id] = frame.error_code
         elif isinstance(frame, WindowUpdateFrame):
             if frame.stream_id:
-                self._windows[frame.stream_id] = self._windows.get(frame.stream_id, self._initial) + frame.window_increment
+                window = self._windows.get(frame.stream_id, self._initial)
+                self._windows[frame.stream_id] = window + frame.window_increment
             else:
                 self._window += frame.window_increment
         elif isinstance(frame, (HeadersFrame, ContinuationFrame)):
