@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_clients -*-
+# -*- test-case-name: tests.test_clients,tests.test_edge -*-
 """
 Fair shares per client address: no one address may hold more than its share
 of chatterd's connections or streams.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_http2 -*-
+# -*- test-case-name: tests.test_http2,tests.test_edge -*-
 """
 HTTP/2 at the edge: Twisted's HTTP/2 connection with the limits of chatterd's
 HTTP/1.1 side, and defences against the floods particular to HTTP/2.
@@ -78,6 +78,10 @@ MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 16384
 MAX_HEADERS = 100
 MAX_FRAME_SIZE = 16384
+#: The most unsent data a stream holds in chatterd: past it the stream's
+#: producer (a relay's connection to Ollama, say) is paused, whatever the
+#: client's flow-control window.
+STREAM_BUFFER = 64 * 1024
 #: Seconds a client gets to close a connection that chatterd has ended.
 CLOSE_GRACE = 2.0
 
@@ -500,9 +504,23 @@ class ChatterH2Connection(H2Connection):
             self.transport.write(self.conn.data_to_send())
             if not queue:
                 self.priority.block(stream)
+            state = self.streams[stream]
             if self.remainingOutboundWindow(stream) <= 0:
-                self.streams[stream].flowControlBlocked()
+                state.flowControlBlocked()
+            elif not state._producerProducing and state.producer is not None:
+                state.windowUpdated()  # paused by STREAM_BUFFER, and there is room again
         self._reactor.callLater(0, self._sendPrioritisedData)
+
+    def remainingOutboundWindow(self, streamID: int) -> int:
+        """
+        How much more a stream may queue: its window, but never more than
+        ``STREAM_BUFFER`` in all.  (With Twisted's, a client that opens its
+        windows wide had chatterd queue everything a stream produced in
+        memory while the sending loop, a frame per turn, fell behind.)
+        """
+        window = min(self.conn.local_flow_control_window(streamID), STREAM_BUFFER)
+        queued = sum(len(chunk) for chunk in self._outboundStreamQueues[streamID] if chunk is not _END_STREAM_SENTINEL)
+        return window - queued
 
     def _tryToWriteControlData(self) -> bool:
         """
@@ -614,6 +632,15 @@ class ChatterH2Connection(H2Connection):
         self._closing = True
         self.transport.abortConnection()
 
+    def timeoutConnection(self) -> None:
+        """
+        Idle for ``idle_timeout``: GOAWAY, then close as for a flood (Twisted's
+        own waits for the client's close_notify for 15 s more).
+        """
+        log.info("HTTP/2 connection from {client} idle for {t:g} s: closed", client=self._client(), t=self.idle_timeout)
+        self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self._close(None, ConnectionLost("idle"))
+
     def _goaway(self, flood: Flood) -> None:
         """
         End the connection for a flood: GOAWAY with its code, then close.
@@ -622,17 +649,20 @@ class ChatterH2Connection(H2Connection):
             self.conn.close_connection(error_code=flood.code)
             self._close(flood.reason, flood)
 
-    def _close(self, reason: str, why: BaseException) -> None:
+    def _close(self, reason: str | None, why: BaseException) -> None:
         """
         Send what h2 has queued (its GOAWAY) and close.  TLS waits for the
         client's close_notify, and for the transport's producer (this
         connection) to go: the producer goes now, and a client that does not
         close within ``CLOSE_GRACE`` seconds is cut off.
+
+        :param reason: the defence that ended it (logged and counted), if one did.
         """
         self._closing = True
-        self._count(reason)
-        log.info("HTTP/2 connection from {client} ended ({reason}): {e}", client=self._client(),
-                 reason=reason, e=why)
+        if reason is not None:
+            self._count(reason)
+            log.info("HTTP/2 connection from {client} ended ({reason}): {e}", client=self._client(),
+                     reason=reason, e=why)
         transport = self.transport
         transport.write(self.conn.data_to_send())
         transport.unregisterProducer()

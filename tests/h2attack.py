@@ -503,7 +503,8 @@ class Attacker:
             if r.goaway is None:  # the first says why; any later ones repeat or follow it
                 r.goaway = GoAway(frame.error_code, frame.last_stream_id, bytes(frame.additional_data))
         elif isinstance(frame, RstStreamFrame):
-            r.resets[frame.stream_id] = frame.error_code
+            # the first says why; later ones answer frames the client sent after it (STREAM_CLOSED)
+            r.resets.setdefault(frame.stream_id, frame.error_code)
         elif isinstance(frame, WindowUpdateFrame):
             if frame.stream_id:
                 window = self._windows.get(frame.stream_id, self._initial)

@@ -461,7 +461,8 @@ class ConnectionLimitTests(SynchronousTestCase):
         """
         The transport stays paused (the client reads nothing) for ``idle_timeout``: aborted.
         """
-        c = Client(self, idle_timeout=10.0)
+        c = Client(self, idle_timeout=10.0, request_timeout=100.0)
+        c.request(b"POST", headers=[(b"content-length", b"1")], end=False)  # not idle: a stream is open
         c.protocol._channel.pauseProducing()
         c.advance(11)
         self.assertTrue(c.transport.disconnecting)
