@@ -57,7 +57,7 @@ class Chatt:
     username: str | None
     message: str | None
     id: str
-    time: datetime.datetime
+    time: datetime.datetime | None  # a course table's column may hold NULL
     seq: int
 
 
