@@ -273,6 +273,26 @@ def _many(appid: str, messages: Sequence[Message], *, replace: bool = False) -> 
     }
 
 
+#: psycopg2's diagnostics that name schema objects, never values.
+_SAFE_DIAGNOSTICS = ("schema_name", "table_name", "column_name", "datatype_name", "constraint_name")
+
+
+def error_summary(error: psycopg2.Error) -> str:
+    """
+    What may be logged of a database error: its SQLSTATE, its class and the
+    schema objects it names.  Never its text: the message and its
+    ``DETAIL`` can quote the values of a row (``Failing row contains
+    (...)``, ``invalid input syntax for type ...: "..."``), a user's words.
+    """
+    parts = [f"SQLSTATE {error.pgcode or 'none'}", type(error).__name__]
+    diag = getattr(error, "diag", None)
+    for field in _SAFE_DIAGNOSTICS:
+        value = getattr(diag, field, None)
+        if value:
+            parts.append(f"{field[:-len('_name')]} {value}")
+    return ", ".join(parts)
+
+
 # --- the connection pool ---------------------------------------------------------
 
 
@@ -539,6 +559,9 @@ class PostgresChattStore(Service):
         log.info("database: {n} of {size} connections open", n=connected, size=self._pool_size)
         try:
             await pool.run(self._with_schema)
+        except psycopg2.Error as e:
+            log.error("could not create the schema ({error}); will retry with the next request",
+                      error=error_summary(e))
         except Exception:
             log.failure("could not create the schema; will retry with the next request")
         return connected
@@ -587,7 +610,7 @@ class PostgresChattStore(Service):
             raise StoreUnavailable("the database is busy, try again shortly") from e
         except (reconnection.ConnectionDead, psycopg2.Error, ConnectionClosed) as e:
             if isinstance(e, psycopg2.Error) and not _connection_lost(e):
-                raise self._failed(e) from e
+                raise self._failed(e) from None  # its text may quote a row: not passed on
             self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
         except Exception as e:
@@ -595,13 +618,17 @@ class PostgresChattStore(Service):
 
     def _failed(self, error: Exception) -> StoreError:
         """
-        What a statement's own failure (the connection lives on) is reported as.
+        What a statement's own failure (the connection lives on) is reported
+        as; it is logged, but only by :func:`error_summary`.
         """
         if isinstance(error, psycopg2.errors.StringDataRightTruncation):
             self._on_error("too_long")
             return ValueTooLong("a value is too long for its column")
         self._on_error("other")
-        log.failure("database error", Failure(error))
+        if isinstance(error, psycopg2.Error):
+            log.error("database error: {error}", error=error_summary(error), sqlstate=error.pgcode)
+        else:
+            log.failure("database error", Failure(error))  # not psycopg2's: a bug, with its traceback
         return StoreError("database error")
 
     def _call(self, method: str, sql: str, params: dict[str, Any]) -> Deferred[Any]:

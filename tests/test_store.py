@@ -13,6 +13,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
@@ -64,7 +65,11 @@ def advisory_locks(dsn: str) -> int:
     return query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0]
 
 
-class StoreTests(TestCase):
+class StoreCase(TestCase):
+    """
+    Tests on a store of their own, on a fresh database of the test cluster.
+    """
+
     async def make_store(self, dsn: str | None = None, **kwargs: object) -> PostgresChattStore:
         self.dsn = dsn or pgcluster.fresh_database()
         store = PostgresChattStore(self.dsn, reactor=reactor, **kwargs)  # type: ignore[arg-type]
@@ -73,6 +78,8 @@ class StoreTests(TestCase):
         await store.started
         return store
 
+
+class StoreTests(StoreCase):
     async def test_interface(self) -> None:
         """
         The store provides IChattStore.
@@ -434,3 +441,73 @@ class OutageTests(TestCase):
         await self.post_once_back(store, "m")
         self.assertEqual(query(dsn, "SELECT username, message FROM chatts"), [("u", "m")])
         self.flushLoggedErrors(psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+#: A user's words, which must never reach the log.
+SECRET = "my bank PIN is 4711"
+
+
+def logged_text(events: list[dict[str, object]]) -> str:
+    """
+    Everything ``events`` would write to the log: each line, its fields and any traceback.
+    """
+    lines = []
+    for event in events:
+        lines.append(formatEvent(event))
+        lines.append(repr({k: v for k, v in event.items() if k != "log_logger"}))
+        failure = event.get("log_failure")
+        if failure is not None:
+            lines.append(failure.getTraceback())  # type: ignore[attr-defined]
+    return "\n".join(lines)
+
+
+class ErrorLogTests(StoreCase):
+    """
+    A statement's failure is logged by its SQLSTATE, class and schema names,
+    never by psycopg2's text, which can quote the row (a user's message).
+    """
+
+    async def failing_post(self, setup: str, message: str) -> str:
+        """
+        Make ``setup`` on a fresh database, post ``message`` (which must
+        fail with a plain StoreError), and return what was logged.
+        """
+        store = await self.make_store()
+        query(self.dsn, setup)
+        with capturedLogs() as events:
+            failure = await self.assertFailure(store.post_chatt("u", message), StoreError)
+        self.assertEqual(type(failure), StoreError)
+        self.assertEqual(str(failure), "database error")
+        self.assertIsNone(failure.__cause__)  # nothing that quotes the row travels with it
+        self.flushLoggedErrors()
+        return logged_text(events)
+
+    async def test_failing_row_detail_is_not_logged(self) -> None:
+        """
+        A CHECK constraint's "DETAIL: Failing row contains (...)" holds the
+        message: the log has SQLSTATE 23514, the class and the constraint's
+        and table's names instead.
+        """
+        text = await self.failing_post(
+            "ALTER TABLE chatts ADD CONSTRAINT short_message CHECK (length(message) < 10)", SECRET
+        )
+        self.assertIn("SQLSTATE 23514", text)
+        self.assertIn("CheckViolation", text)
+        self.assertIn("constraint short_message", text)
+        self.assertIn("table chatts", text)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn("4711", text)
+
+    async def test_invalid_input_text_is_not_logged(self) -> None:
+        """
+        'invalid input syntax for type integer: "<the message>"' quotes the
+        value in psycopg2's primary message: only SQLSTATE 22P02 is logged.
+        """
+        text = await self.failing_post(REFUSE.replace(
+            "IF NEW.message = 'refused' THEN RAISE EXCEPTION 'refused by a trigger'; END IF;",
+            "PERFORM NEW.message::integer;",
+        ), SECRET)
+        self.assertIn("SQLSTATE 22P02", text)
+        self.assertIn("InvalidTextRepresentation", text)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn("4711", text)
