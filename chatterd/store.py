@@ -15,26 +15,36 @@ the schema only adds what is missing.
 from __future__ import annotations
 
 import datetime
+import os
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredLock,
+    TimeoutError,
     ensureDeferred,
     fail,
     gatherResults,
     succeed,
 )
 from twisted.internet.error import ConnectionClosed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorTime,
+    IResolutionReceiver,
+)
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -293,6 +303,17 @@ def error_summary(error: psycopg2.Error) -> str:
     return ", ".join(parts)
 
 
+def _dsn_connect_timeout(dsn: str) -> float | None:
+    """
+    The DSN's ``connect_timeout`` in seconds (libpq: at least 2), if it sets one.
+    """
+    try:
+        value = int(psycopg2.extensions.parse_dsn(dsn).get("connect_timeout", "0"))
+    except (ValueError, psycopg2.Error):
+        return None
+    return max(value, 2) if value > 0 else None
+
+
 # --- the connection pool ---------------------------------------------------------
 
 
@@ -354,6 +375,199 @@ class _Detector(reconnection.DeadConnectionDetector):
                 pass
 
 
+class ConnectTimeout(psycopg2.OperationalError):
+    """
+    A connection attempt took longer than its timeout and was abandoned.
+    (An ``OperationalError`` with no SQLSTATE, as libpq's own failures to
+    connect are: the connection's detector then keeps retrying.)
+    """
+
+
+class NameNotResolved(psycopg2.OperationalError):
+    """
+    No host name of the DSN resolved to an address.
+    """
+
+
+# --- connecting without blocking -------------------------------------------------
+
+
+def _is_address(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(host)
+
+
+def _names(dsn: str, environ: Mapping[str, str]) -> list[str]:
+    """
+    The host names that libpq would resolve itself (with a blocking
+    ``getaddrinfo``) to connect with ``dsn``: none if addresses are given
+    (``hostaddr``), or for unix sockets and IP addresses.
+    """
+    params = psycopg2.extensions.parse_dsn(dsn)
+    if params.get("hostaddr") or environ.get("PGHOSTADDR"):
+        return []
+    hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
+    return [h for h in dict.fromkeys(hosts) if h and not h.startswith(("/", "@")) and not _is_address(h)]
+
+
+def with_addresses(dsn: str, addresses: Mapping[str, Sequence[str]], environ: Mapping[str, str]) -> str:
+    """
+    ``dsn`` with its host names' ``addresses`` given as ``hostaddr``, so that
+    libpq connects without resolving anything.  ``host`` keeps the names
+    (libpq checks a server certificate, and looks up passwords, by them): a
+    name with several addresses is repeated once per address, which libpq
+    then tries in order, as it would have.  Unix sockets and IP addresses
+    are kept as they are (an empty ``hostaddr`` entry).
+
+    :param addresses: every name of :func:`_names` and what it resolved to.
+    :raises NameNotResolved: if nothing is left to connect to.
+    """
+    params = psycopg2.extensions.parse_dsn(dsn)
+    hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
+    ports = (params.get("port") or environ.get("PGPORT") or "").split(",")
+    per_host = len(ports) == len(hosts) > 1
+    new_hosts: list[str] = []
+    new_addrs: list[str] = []
+    new_ports: list[str] = []
+    for i, host in enumerate(hosts):
+        found = addresses[host] if host in addresses else [host if _is_address(host) else ""]
+        for address in found:
+            new_hosts.append(host)
+            new_addrs.append(address)
+            new_ports.append(ports[i] if per_host else "")
+    if not new_hosts:
+        raise NameNotResolved(f"no address for {', '.join(addresses)}")
+    extra = {"host": ",".join(new_hosts), "hostaddr": ",".join(new_addrs)}
+    if per_host:
+        extra["port"] = ",".join(new_ports)
+    return psycopg2.extensions.make_dsn(dsn, **extra)
+
+
+def resolve(resolver: IHostnameResolver, name: str) -> Deferred[list[str]]:
+    """
+    The addresses of ``name`` (for TCP, without duplicates), through
+    ``resolver`` (Twisted's runs ``getaddrinfo`` in a thread, off the reactor).
+    """
+    done: Deferred[list[str]] = Deferred()
+    found: dict[str, None] = {}
+
+    @implementer(IResolutionReceiver)
+    class Receiver:
+        def resolutionBegan(self, resolution: IHostResolution) -> None:
+            pass
+
+        def addressResolved(self, address: IAddress) -> None:
+            found[address.host] = None  # type: ignore[attr-defined]
+
+        def resolutionComplete(self) -> None:
+            done.callback(list(found))
+
+    resolver.resolveHostName(Receiver(), name, 0, transportSemantics="TCP")
+    return done
+
+
+def _within(d: Deferred[T], seconds: float, reactor: IReactorTime, error: Exception) -> Deferred[T]:
+    """
+    A Deferred that mirrors ``d`` but fails with ``error`` after ``seconds``
+    (cancelling it fails it at once); either way ``d`` is left to end
+    unobserved (its result, or failure, is dropped).
+    """
+    mirror: Deferred[T] = Deferred(lambda m: timer.cancel() if timer.active() else None)
+    timer = reactor.callLater(max(seconds, 0), lambda: mirror.called or mirror.errback(error))
+
+    def done(result: Any) -> None:
+        if not mirror.called:
+            timer.cancel()
+            mirror.callback(result)
+
+    d.addBoth(done)
+    return mirror
+
+
+class _Connection(txpostgres.Connection):
+    """
+    A txpostgres connection, with its own reconnecting detector, whose
+    every attempt to connect (the first and each reconnection):
+
+    - resolves the DSN's host names through ``resolver`` and hands libpq
+      addresses (``hostaddr``), so that libpq never blocks the reactor in
+      ``getaddrinfo``;
+    - is abandoned after ``timeout`` seconds (socket closed, a
+      :class:`ConnectTimeout` for the detector, which tries again later):
+      libpq's asynchronous connect ignores ``connect_timeout``, and a host
+      that drops packets, or accepts and stays silent, would hold it for
+      minutes or for ever.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        timeout: float,
+        resolver: IHostnameResolver | None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        super().__init__(reactor, detector=_Detector(reactor))
+        self._timeout = timeout
+        self._resolver = resolver
+        self._environ = environ
+        self._attempt: Deferred[Any] | None = None
+
+    def connect(self, dsn: str) -> Deferred[Any]:  # type: ignore[override]
+        self.detector.setReconnectable(self, dsn)  # a reconnection resolves the names again
+        if self._connection is not None and not self._connection.closed:
+            return fail(txpostgres.AlreadyConnected())
+        self._attempt = ensureDeferred(self._connect(dsn))
+        return self._attempt
+
+    async def _connect(self, dsn: str) -> _Connection:
+        deadline = self.reactor.seconds() + self._timeout
+        late = ConnectTimeout(f"no connection to the database within {self._timeout:g} s")
+        names = _names(dsn, self._environ)
+        if names:
+            if self._resolver is None:
+                raise NameNotResolved("no resolver for host names")
+            found = gatherResults([resolve(self._resolver, name) for name in names], consumeErrors=True)
+            addresses = await _within(found, deadline - self.reactor.seconds(), self.reactor, late)
+            dsn = with_addresses(dsn, dict(zip(names, addresses)), self._environ)
+        self._connection = self.connectionFactory(dsn, **{"async": True})
+        try:
+            await _within(self.poll(), deadline - self.reactor.seconds(), self.reactor, late)
+        except BaseException:
+            self._abandon()
+            raise
+        self.reactor.addReader(self)  # as txpostgres does: NOTIFY and a closed socket are seen at once
+        return self
+
+    def doRead(self) -> None:
+        if self._attempt is not None and not self._attempt.called:
+            # connecting: only move the attempt on (txpostgres would also
+            # watch the socket again, whose number is -1 once libpq failed)
+            txpostgres._PollingMixin.doRead(self)
+        else:
+            super().doRead()
+
+    def _abandon(self) -> None:
+        """
+        Give up the attempt under way: nothing watches or polls it any more,
+        and its socket is closed.
+        """
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        self._pollingD = None  # its poll never fires now; the next attempt polls anew
+        if self._connection is not None and not self._connection.closed:
+            try:
+                self._connection.close()
+            except psycopg2.Error:
+                pass
+
+    def stop_connecting(self) -> None:
+        """
+        Abandon the attempt under way, if any.
+        """
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()
+
+
 class PoolTimeout(Exception):
     """
     No connection became free in time.
@@ -370,13 +584,20 @@ class ConnectionPool:
     """
 
     def __init__(
-        self, dsn: str, size: int, reactor: IReactorTime, acquire_timeout: float = 10.0
+        self,
+        dsn: str,
+        size: int,
+        reactor: IReactorTime,
+        acquire_timeout: float = 10.0,
+        *,
+        connect_timeout: float = 10.0,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
         self._dsn = dsn
         self._reactor = reactor
         self._timeout = acquire_timeout
         self._all = [
-            txpostgres.Connection(reactor, detector=_Detector(reactor)) for _ in range(size)
+            _Connection(reactor, timeout=connect_timeout, resolver=resolver) for _ in range(size)
         ]
         self._idle = list(self._all)
         self._waiting: deque[Deferred[txpostgres.Connection]] = deque()
@@ -388,11 +609,11 @@ class ConnectionPool:
 
     def start(self) -> Deferred[int]:
         """
-        Connect every connection; fires with the number that connected.  Those
-        that failed keep retrying in the background.
+        Connect every connection, all at once; fires with the number that
+        connected.  Those that failed keep retrying in the background.
         """
 
-        async def connect(c: txpostgres.Connection) -> bool:
+        async def connect(c: _Connection) -> bool:
             try:
                 await c.connect(self._dsn)
                 return True
@@ -400,11 +621,8 @@ class ConnectionPool:
                 c.detector.checkForDeadConnection(Failure())
                 return False
 
-        async def all_() -> int:
-            results = [await ensureDeferred(connect(c)) for c in self._all]
-            return sum(results)
-
-        return ensureDeferred(all_())
+        connecting = gatherResults([ensureDeferred(connect(c)) for c in self._all])
+        return connecting.addCallback(sum)
 
     def _live(self, c: txpostgres.Connection) -> bool:
         return not c.detector.connectionIsDead
@@ -461,6 +679,7 @@ class ConnectionPool:
         self._closed = True
         for c in self._all:
             c.detector.stop()
+            c.stop_connecting()
             if c._connection is not None:
                 try:
                     c.close()
@@ -503,6 +722,12 @@ class PostgresChattStore(Service):
 
     :param dsn: a libpq connection string, or a callable returning one once the
         service starts (the embedded server's address is known only then).
+    :param acquire_timeout: seconds a call waits for a free connection, or
+        for the store's start (``--db-wait``); then :class:`StoreUnavailable`.
+    :param connect_timeout: seconds one attempt to connect may take before it
+        is abandoned (and tried again later) [default: the DSN's
+        ``connect_timeout``, else ``acquire_timeout``].
+    :param resolver: resolves the DSN's host names [default: the reactor's].
     :param on_error: told the kind of every database failure
         (``unavailable``, ``busy``, ``too_long``, ``other``), for metrics.
     """
@@ -516,6 +741,8 @@ class PostgresChattStore(Service):
         reactor: IReactorTime,
         pool_size: int = 4,
         acquire_timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        resolver: IHostnameResolver | None = None,
         on_error: Callable[[str], object] = lambda kind: None,
     ) -> None:
         self._dsn = dsn
@@ -523,6 +750,8 @@ class PostgresChattStore(Service):
         self._reactor = reactor
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
+        self._connect_timeout = connect_timeout
+        self._resolver = resolver if resolver is not None else getattr(reactor, "nameResolver", None)
         self._pool: ConnectionPool | None = None
         self._lockers: list[ConnectionPool] = []
         self._schema_ready = False
@@ -534,13 +763,18 @@ class PostgresChattStore(Service):
     def startService(self) -> None:
         super().startService()
         dsn = self._dsn() if callable(self._dsn) else self._dsn
-        self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout)
+        connecting = {
+            "connect_timeout": self._connect_timeout or _dsn_connect_timeout(dsn) or self._acquire_timeout,
+            "resolver": self._resolver,
+        }
+        self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout, **connecting)
         # appID locks live on connections of their own: they are held for a
         # whole stream, which must not take a pool connection out of service.
         # A session lock is given back on the connection that took it, so an
         # appID always uses the same one (chosen by hash).
         self._lockers = [
-            ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout) for _ in range(self._pool_size)
+            ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout, **connecting)
+            for _ in range(self._pool_size)
         ]
         self.started = ensureDeferred(self._start(self._pool, self._lockers))
 
@@ -600,7 +834,12 @@ class PostgresChattStore(Service):
             return await getattr(c, method)(sql, params)
 
         if self.started is not None and not self.started.called:
-            await _shield(self.started)  # requests that come while connecting wait for it
+            # requests that come while connecting wait for it, as long as for a connection
+            try:
+                await _shield(self.started).addTimeout(self._acquire_timeout, self._reactor)
+            except TimeoutError:
+                self._on_error("unavailable")
+                raise StoreUnavailable("the database is not reachable yet, try again shortly") from None
         try:
             return await (pool or self.pool).run(body)
         except StoreError:
