@@ -128,10 +128,15 @@ class IChattStore(Interface):
     def begin_turn(appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
         """
         Take ``appid``'s turn (a lock shared by every process using this
-        database), store ``messages`` and return the whole history, oldest
-        first.  Waits at most ``timeout`` seconds for the turn (then
-        :class:`LockTimeout`, and nothing is stored).  On success the caller
-        must :meth:`end_turn`; on any failure nothing is held.
+        database), store ``messages`` and return the history to send to
+        Ollama, oldest first: ``messages`` whole, the appID's ``system`` rows
+        (oldest first, as many as fit in the store's history bound on their
+        own), and then the newest of its other rows that fit in what is left
+        of the bound (see :data:`MESSAGE_OVERHEAD`).  Nothing is deleted: the
+        rows left out stay in the table.  Waits at most ``timeout`` seconds
+        for the turn (then :class:`LockTimeout`, and nothing is stored).  On
+        success the caller must :meth:`end_turn`; on any failure nothing is
+        held.
         """
 
     def end_turn(appid: str, reply: str | None) -> Deferred[None]:
@@ -155,18 +160,43 @@ class IChattStore(Interface):
 
 # --- SQL -------------------------------------------------------------------------
 
+#: What a message costs of the history bound besides its role and content
+#: (in UTF-8 bytes): the JSON around them, ``{"role":"","content":""},``.
+#: It also keeps a flood of empty messages from slipping under the bound.
+MESSAGE_OVERHEAD = 25
+
+#: The default bound of the history sent to Ollama (``--max-history``).
+DEFAULT_MAX_HISTORY = 4 * 1024 * 1024
+
 #: The first round trip of a turn, as a function so that its plans are made
 #: once per connection (half the server's work of the same SQL sent as text):
 #: take the appID's turn (a session advisory lock), delete its rows if
 #: ``replace`` (``/llmprep``), store the new messages in order, return the
-#: history.  VOLATILE, so each statement takes a fresh snapshot: what it reads
-#: and deletes, after the lock, includes what the turn before committed.  Not
-#: taken: one row of NULLs, and nothing changed.
+#: history to send.  VOLATILE, so each statement takes a fresh snapshot: what
+#: it reads and deletes, after the lock, includes what the turn before
+#: committed.  Not taken: one row of NULLs, and nothing changed.
+#:
+#: The history is cut to ``max_bytes`` (NULL: no bound) here, so that no row
+#: left out ever leaves the database: every row counts its role and content
+#: in bytes plus ``MESSAGE_OVERHEAD``; the new rows are always sent; the
+#: system rows come next, oldest first, as long as they fit on their own;
+#: the other rows, newest first, fill what is left.  Sizes come from
+#: ``octet_length``, which reads a long value's stored size without
+#: fetching the value; at most ``max_bytes / MESSAGE_OVERHEAD`` rows of
+#: each kind can fit, so no more are looked at.
 BEGIN_TURN_FUNCTION = """
 CREATE OR REPLACE FUNCTION chatterd_begin_turn(
-    lock_class integer, app text, roles text[], contents text[], replace boolean)
+    lock_class integer, app text, roles text[], contents text[], replace boolean, max_bytes bigint)
 RETURNS TABLE (seq bigint, role text, content text)
 LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    bound bigint := coalesce(max_bytes, 9223372036854775807);
+    most bigint := coalesce(max_bytes / %(overhead)d + 1, 9223372036854775807);
+    first_new bigint;
+    new_bytes bigint;
+    old_bytes bigint;
+    system_upto bigint;
+    others_from bigint;
 BEGIN
     IF NOT pg_try_advisory_lock(lock_class, hashtext(app)) THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text;
@@ -175,13 +205,65 @@ BEGIN
     IF replace THEN
         DELETE FROM chatts AS c WHERE c.appid = app;
     END IF;
-    INSERT INTO chatts (username, message, id, time, appid)
-    SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
-      FROM unnest(roles, contents) WITH ORDINALITY AS t(r, m, n)
-     ORDER BY t.n;
+    WITH added AS (
+        INSERT INTO chatts (username, message, id, time, appid)
+        SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
+          FROM unnest(roles, contents) WITH ORDINALITY AS t(r, m, n)
+         ORDER BY t.n
+        RETURNING chatts.seq, %(overhead)d + octet_length(chatts.username) + octet_length(chatts.message) AS size
+    )
+    -- (the subquery sees the table as it was before the insert: the old rows)
+    SELECT coalesce(min(a.seq), 9223372036854775807), coalesce(sum(a.size), 0),
+           CASE WHEN max_bytes IS NOT NULL THEN
+               (SELECT coalesce(sum(%(overhead)d + coalesce(octet_length(c.username), 0)
+                                    + coalesce(octet_length(c.message), 0)), 0)
+                  FROM chatts AS c WHERE c.appid = app) END
+      INTO first_new, new_bytes, old_bytes FROM added AS a;
+    IF max_bytes IS NULL OR new_bytes + old_bytes <= max_bytes THEN
+        -- all of it fits (the usual case)
+        RETURN QUERY SELECT c.seq, c.username::text, c.message::text
+                       FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
+        RETURN;
+    END IF;
+    -- the last system row and the first other row that fit: a running sum
+    -- of sizes over the system rows (oldest first), then the others (newest first)
+    SELECT max(w.seq) FILTER (WHERE w.sys), min(w.seq) FILTER (WHERE NOT w.sys)
+      INTO system_upto, others_from
+      FROM (SELECT s.seq, s.sys,
+                   sum(s.size) OVER (ORDER BY s.sys DESC, s.k ROWS UNBOUNDED PRECEDING)
+                   + CASE WHEN s.sys THEN 0 ELSE new_bytes END AS upto
+              FROM ((SELECT c.seq, true AS sys, c.seq AS k,
+                            %(overhead)d + octet_length(c.username) + coalesce(octet_length(c.message), 0) AS size
+                       FROM chatts AS c
+                      WHERE c.appid = app AND c.seq < first_new AND c.username = 'system'
+                      ORDER BY c.seq LIMIT most)
+                    UNION ALL
+                    (SELECT c.seq, false, -c.seq,
+                            %(overhead)d + coalesce(octet_length(c.username), 0) + coalesce(octet_length(c.message), 0)
+                       FROM chatts AS c
+                      WHERE c.appid = app AND c.seq < first_new AND c.username IS DISTINCT FROM 'system'
+                      ORDER BY c.seq DESC LIMIT most)) AS s) AS w
+     WHERE w.upto <= bound;
     RETURN QUERY SELECT c.seq, c.username::text, c.message::text
-                   FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
+                   FROM chatts AS c
+                  WHERE c.appid = app
+                    AND (c.seq >= first_new
+                         OR c.seq <= system_upto AND c.username = 'system'
+                         OR c.seq >= others_from AND c.username IS DISTINCT FROM 'system')
+                  ORDER BY c.seq;
 END
+$fn$;
+""" % {"overhead": MESSAGE_OVERHEAD}
+
+#: The function's signature before ``max_bytes``, which chatterd processes of
+#: an earlier version (during a rolling upgrade) still call: it now sends the
+#: whole history, as it did, through the new one.
+_OLD_BEGIN_TURN_FUNCTION = """
+CREATE OR REPLACE FUNCTION chatterd_begin_turn(
+    lock_class integer, app text, roles text[], contents text[], replace boolean)
+RETURNS TABLE (seq bigint, role text, content text)
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT * FROM chatterd_begin_turn(lock_class, app, roles, contents, replace, NULL::bigint)
 $fn$;
 """
 
@@ -214,7 +296,7 @@ BEGIN
 END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS chatts_seq ON chatts (seq);
 CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
-""" + BEGIN_TURN_FUNCTION
+""" + BEGIN_TURN_FUNCTION + _OLD_BEGIN_TURN_FUNCTION
 
 # ``id`` and ``time`` are given explicitly: a course table may lack defaults.
 _INSERT_ONE = """
@@ -246,7 +328,8 @@ _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 #: single row of NULLs means "not your turn" (and nothing was changed).
 _BEGIN_TURN = """
 SELECT seq, role, content
-  FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[], %(replace)s);
+  FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[], %(replace)s,
+                           %(max)s::bigint);
 """
 
 #: Store the reply, commit, then give the turn back, in one round trip.  (No
@@ -273,13 +356,16 @@ def _holds(outcome: Any) -> bool:
     return _taken(outcome)
 
 
-def _many(appid: str, messages: Sequence[Message], *, replace: bool = False) -> dict[str, Any]:
+def _many(
+    appid: str, messages: Sequence[Message], *, replace: bool = False, max_bytes: int | None = None
+) -> dict[str, Any]:
     return {
         "class": _LOCK_CLASS,
         "appid": appid,
         "roles": [m["role"] for m in messages],
         "contents": [m["content"] for m in messages],
         "replace": replace,
+        "max": max_bytes,
     }
 
 
@@ -728,6 +814,8 @@ class PostgresChattStore(Service):
         is abandoned (and tried again later) [default: the DSN's
         ``connect_timeout``, else ``acquire_timeout``].
     :param resolver: resolves the DSN's host names [default: the reactor's].
+    :param max_history: the most bytes of history :meth:`begin_turn` returns
+        (``--max-history``; see :data:`BEGIN_TURN_FUNCTION`).
     :param on_error: told the kind of every database failure
         (``unavailable``, ``busy``, ``too_long``, ``other``), for metrics.
     """
@@ -743,6 +831,7 @@ class PostgresChattStore(Service):
         acquire_timeout: float = 10.0,
         connect_timeout: float | None = None,
         resolver: IHostnameResolver | None = None,
+        max_history: int = DEFAULT_MAX_HISTORY,
         on_error: Callable[[str], object] = lambda kind: None,
     ) -> None:
         self._dsn = dsn
@@ -752,6 +841,7 @@ class PostgresChattStore(Service):
         self._acquire_timeout = acquire_timeout
         self._connect_timeout = connect_timeout
         self._resolver = resolver if resolver is not None else getattr(reactor, "nameResolver", None)
+        self._max_history = max_history
         self._pool: ConnectionPool | None = None
         self._lockers: list[ConnectionPool] = []
         self._schema_ready = False
@@ -884,7 +974,8 @@ class PostgresChattStore(Service):
         return d.addCallback(lambda rows: [Chatt(*row) for row in rows])
 
     def begin_turn(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
-        d = ensureDeferred(self._begin_turn(appid, _many(appid, messages), timeout))
+        params = _many(appid, messages, max_bytes=self._max_history)
+        d = ensureDeferred(self._begin_turn(appid, params, timeout))
         return d.addCallback(lambda rows: [{"role": r, "content": m} for _, r, m in rows])
 
     def end_turn(self, appid: str, reply: str | None) -> Deferred[None]:
