@@ -177,13 +177,15 @@ DEFAULT_MAX_HISTORY = 4 * 1024 * 1024
 #: committed.  Not taken: one row of NULLs, and nothing changed.
 #:
 #: The history is cut to ``max_bytes`` (NULL: no bound) here, so that no row
-#: left out ever leaves the database: every row counts its role and content
-#: in bytes plus ``MESSAGE_OVERHEAD``; the new rows are always sent; the
-#: system rows come next, oldest first, as long as they fit on their own;
-#: the other rows, newest first, fill what is left.  Sizes come from
+#: left out ever leaves the database.  Every row counts its role and content
+#: in bytes plus ``MESSAGE_OVERHEAD``.  The system rows come first, oldest
+#: first, as long as they fit; then the new rows, always; then the other
+#: rows, newest first, as long as they fit in what is left.  Sizes come from
 #: ``octet_length``, which reads a long value's stored size without
-#: fetching the value; at most ``max_bytes / MESSAGE_OVERHEAD`` rows of
-#: each kind can fit, so no more are looked at.
+#: fetching the value, and each walk stops at the first row that does not
+#: fit: a turn reads little more than the rows it sends, however long the
+#: conversation.  A history of up to 1000 rows that fits whole (the usual
+#: case) is summed and sent in two plain statements instead.
 BEGIN_TURN_FUNCTION = """
 CREATE OR REPLACE FUNCTION chatterd_begin_turn(
     lock_class integer, app text, roles text[], contents text[], replace boolean, max_bytes bigint)
@@ -191,12 +193,13 @@ RETURNS TABLE (seq bigint, role text, content text)
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
     bound bigint := coalesce(max_bytes, 9223372036854775807);
-    most bigint := coalesce(max_bytes / %(overhead)d + 1, 9223372036854775807);
+    used bigint := 0;
     first_new bigint;
     new_bytes bigint;
     old_bytes bigint;
     system_upto bigint;
     others_from bigint;
+    r record;
 BEGIN
     IF NOT pg_try_advisory_lock(lock_class, hashtext(app)) THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text;
@@ -212,48 +215,52 @@ BEGIN
          ORDER BY t.n
         RETURNING chatts.seq, %(overhead)d + octet_length(chatts.username) + octet_length(chatts.message) AS size
     )
-    -- (the subquery sees the table as it was before the insert: the old rows)
+    -- (the subquery sees the table as it was before the insert: the old
+    -- rows; it gives up on the quick way past %(quick)d of them)
     SELECT coalesce(min(a.seq), 9223372036854775807), coalesce(sum(a.size), 0),
-           CASE WHEN max_bytes IS NOT NULL THEN
-               (SELECT coalesce(sum(%(overhead)d + coalesce(octet_length(c.username), 0)
-                                    + coalesce(octet_length(c.message), 0)), 0)
-                  FROM chatts AS c WHERE c.appid = app) END
+           (SELECT CASE WHEN count(*) <= %(quick)d THEN coalesce(sum(o.size), 0) END
+              FROM (SELECT %(overhead)d + coalesce(octet_length(c.username), 0)
+                           + coalesce(octet_length(c.message), 0) AS size
+                      FROM chatts AS c WHERE c.appid = app ORDER BY c.seq DESC LIMIT %(quick)d + 1) AS o)
       INTO first_new, new_bytes, old_bytes FROM added AS a;
-    IF max_bytes IS NULL OR new_bytes + old_bytes <= max_bytes THEN
+    IF new_bytes + old_bytes <= bound THEN
         -- all of it fits (the usual case)
         RETURN QUERY SELECT c.seq, c.username::text, c.message::text
                        FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
         RETURN;
     END IF;
-    -- the last system row and the first other row that fit: a running sum
-    -- of sizes over the system rows (oldest first), then the others (newest first)
-    SELECT max(w.seq) FILTER (WHERE w.sys), min(w.seq) FILTER (WHERE NOT w.sys)
-      INTO system_upto, others_from
-      FROM (SELECT s.seq, s.sys,
-                   sum(s.size) OVER (ORDER BY s.sys DESC, s.k ROWS UNBOUNDED PRECEDING)
-                   + CASE WHEN s.sys THEN 0 ELSE new_bytes END AS upto
-              FROM ((SELECT c.seq, true AS sys, c.seq AS k,
-                            %(overhead)d + octet_length(c.username) + coalesce(octet_length(c.message), 0) AS size
-                       FROM chatts AS c
-                      WHERE c.appid = app AND c.seq < first_new AND c.username = 'system'
-                      ORDER BY c.seq LIMIT most)
-                    UNION ALL
-                    (SELECT c.seq, false, -c.seq,
-                            %(overhead)d + coalesce(octet_length(c.username), 0) + coalesce(octet_length(c.message), 0)
-                       FROM chatts AS c
-                      WHERE c.appid = app AND c.seq < first_new AND c.username IS DISTINCT FROM 'system'
-                      ORDER BY c.seq DESC LIMIT most)) AS s) AS w
-     WHERE w.upto <= bound;
-    RETURN QUERY SELECT c.seq, c.username::text, c.message::text
-                   FROM chatts AS c
-                  WHERE c.appid = app
-                    AND (c.seq >= first_new
-                         OR c.seq <= system_upto AND c.username = 'system'
-                         OR c.seq >= others_from AND c.username IS DISTINCT FROM 'system')
-                  ORDER BY c.seq;
+    FOR r IN SELECT c.seq, %(overhead)d + octet_length(c.username) + coalesce(octet_length(c.message), 0) AS size
+               FROM chatts AS c
+              WHERE c.appid = app AND c.seq < first_new AND c.username = 'system'
+              ORDER BY c.seq LOOP
+        EXIT WHEN used + r.size > bound;
+        used := used + r.size;
+        system_upto := r.seq;
+    END LOOP;
+    used := used + new_bytes;
+    FOR r IN SELECT c.seq, %(overhead)d + coalesce(octet_length(c.username), 0)
+                           + coalesce(octet_length(c.message), 0) AS size
+               FROM chatts AS c
+              WHERE c.appid = app AND c.seq < first_new AND c.username IS DISTINCT FROM 'system'
+              ORDER BY c.seq DESC LOOP
+        EXIT WHEN used + r.size > bound;
+        used := used + r.size;
+        others_from := r.seq;
+    END LOOP;
+    RETURN QUERY
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq <= system_upto AND c.username = 'system'
+        UNION ALL
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq >= others_from AND c.seq < first_new
+           AND c.username IS DISTINCT FROM 'system'
+        UNION ALL
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq >= first_new
+        ORDER BY 1;
 END
 $fn$;
-""" % {"overhead": MESSAGE_OVERHEAD}
+""" % {"overhead": MESSAGE_OVERHEAD, "quick": 1000}
 
 #: The function's signature before ``max_bytes``, which chatterd processes of
 #: an earlier version (during a rolling upgrade) still call: it now sends the

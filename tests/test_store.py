@@ -527,17 +527,18 @@ def size(message: dict[str, str]) -> int:
 
 def bounded(old: list[dict[str, str]], new: list[dict[str, str]], bound: int) -> list[dict[str, str]]:
     """
-    The history that the bound lets through, by the rule: the new messages,
-    the system rows oldest first as far as they fit alone, then the other
-    rows newest first in what is left, all in their order.
+    The history that the bound lets through, by the rule: the system rows
+    oldest first as long as they fit, the new messages always, then the
+    other rows newest first as long as they fit, all in their order.
     """
     keep = set()
     used = 0
     for i, m in enumerate(old):
         if m["role"] == "system":
+            if used + size(m) > bound:
+                break
             used += size(m)
-            if used <= bound:
-                keep.add(i)
+            keep.add(i)
     used += sum(size(m) for m in new)
     for i in reversed(range(len(old))):
         if old[i]["role"] != "system":
@@ -562,17 +563,15 @@ class HistoryBoundTests(StoreCase):
 
     SYSTEM = [{"role": "system", "content": "Be brief."}]
 
-    async def fill(self, store: PostgresChattStore, appid: str, turns: int) -> list[dict[str, str]]:
+    async def fill(self, store: PostgresChattStore, appid: str, turns: int, length: int = 100) -> list[dict[str, str]]:
         """
         /llmprep's system prompt, then ``turns`` questions and answers.
         """
         await store.replace_history(appid, self.SYSTEM, 1.0)
-        rows = list(self.SYSTEM)
-        for n in range(turns):
-            query(self.dsn, "INSERT INTO chatts (username, message, appid) "
-                            "SELECT r, m, %s FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(r, m, i) "
-                            "ORDER BY i", (appid, [m["role"] for m in turn(n)], [m["content"] for m in turn(n)]))
-            rows += turn(n)
+        rows = list(self.SYSTEM) + [m for n in range(turns) for m in turn(n, length)]
+        query(self.dsn, "INSERT INTO chatts (username, message, appid) "
+                        "SELECT r, m, %s FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(r, m, i) "
+                        "ORDER BY i", (appid, [m["role"] for m in rows[1:]], [m["content"] for m in rows[1:]]))
         return rows
 
     def count(self, appid: str) -> int:
@@ -625,6 +624,15 @@ class HistoryBoundTests(StoreCase):
         store = await self.make_store(max_history=size(self.SYSTEM[0]) + sum(size(m) for m in turn(0)))
         await self.fill(store, "a", 5)
         self.assertEqual(await history(store, "a", []), self.SYSTEM + turn(4))
+
+    async def test_a_long_history_that_fits(self) -> None:
+        """
+        A history of more rows than the quick sum looks at (1000) is still
+        sent whole when it fits.
+        """
+        store = await self.make_store()
+        old = await self.fill(store, "a", 600, length=10)
+        self.assertEqual(await history(store, "a", user("more")), old + user("more"))
 
     async def test_the_cut_follows_the_rule(self) -> None:
         """
