@@ -171,7 +171,7 @@ class Balancer(Service):
 
     async def _refresh_one(self, server: Server) -> None:
         try:
-            tags = await server.client.get_json("/api/tags", self._timeout)
+            tags = await server.client.get_json("/api/tags", self._timeout, self._clock)
             names = {model_key(m["name"]) for m in tags.get("models", []) if isinstance(m.get("name"), str)}
         except (OllamaError, AttributeError, TypeError) as e:
             server.failed_at = self._clock.seconds()
@@ -188,7 +188,7 @@ class Balancer(Service):
 
         async def one(server: Server) -> tuple[str, str]:
             try:
-                await server.client.get_json("/api/version", self._timeout)
+                await server.client.get_json("/api/version", self._timeout, self._clock)
                 return server.url, "ok"
             except OllamaError as e:
                 return server.url, f"down: {e}"

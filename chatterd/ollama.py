@@ -19,6 +19,7 @@ from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -26,7 +27,7 @@ from twisted.internet.endpoints import (
     wrapClientTLS,
 )
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IConsumer, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import (
@@ -47,6 +48,8 @@ from chatterd.eager import eager_reactor
 
 #: The most of an error body chatterd reads from Ollama.
 MAX_ERROR_BODY = 64 * 1024
+#: The largest JSON answer to a GET (``/api/tags`` is about 1 KiB per model).
+MAX_JSON_BODY = 8 * 1024 * 1024
 
 
 class OllamaError(Exception):
@@ -304,26 +307,49 @@ class OllamaClient:
                 raise CancelledError() from None  # we gave up on it: not Ollama's fault
             raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
 
-    async def get_json(self, path: str, timeout: float) -> Any:
+    async def get_json(self, path: str, timeout: float, clock: IReactorTime) -> Any:
         """
-        GET ``path`` and decode its JSON answer, within ``timeout`` seconds.
+        GET ``path`` and decode its JSON answer, the whole exchange (headers
+        and body) within ``timeout`` seconds of ``clock``; on timeout the
+        connection is closed.
 
-        :raises OllamaError: for no answer, a non-200 status or a bad body.
+        :raises OllamaError: for no answer in time, a non-200 status, or a
+            body that is not JSON (or larger than :data:`MAX_JSON_BODY`).
         """
         url = self.url + path
+        exchange = Deferred.fromCoroutine(self._get_json(path))  # cancelling it closes the connection
         try:
-            response = await self._http.get(url, timeout=timeout)
-            if response.code != 200:
-                raise await read_error(response)
-            return json.loads(await response.content())
+            return await exchange.addTimeout(timeout, clock)
         except OllamaError:
             raise
-        except CancelledError:
+        except DeferredTimeout:
             raise OllamaUnreachable(f"{url} did not answer within {timeout:g} s") from None
+        except CancelledError:
+            raise
         except ValueError:
             raise OllamaError(f"{url} did not answer JSON") from None
         except Exception as e:
             raise OllamaUnreachable(f"cannot reach Ollama at {url}: {describe_failure(e)}") from None
+
+    async def _get_json(self, path: str) -> Any:
+        # treq's own timeout= would stop at the headers; the caller's bounds it all
+        response = await self._http.get(self._address(path), unbuffered=True, allow_redirects=False)
+        if response.code != 200:
+            raise await read_error(response)
+        chunks: list[bytes] = []
+        size = 0
+
+        def collect(data: bytes) -> None:
+            nonlocal size
+            chunks.append(data)
+            size += len(data)
+            if size > MAX_JSON_BODY:
+                reader.abort(ValueError("too large"))
+
+        reader = BodyStream(collect)
+        response.deliverBody(reader)
+        await reader.done
+        return json.loads(b"".join(chunks))
 
 
 async def read_error(response: IResponse) -> OllamaHTTPError:

@@ -15,26 +15,36 @@ the schema only adds what is missing.
 from __future__ import annotations
 
 import datetime
+import os
 import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 from twisted.application.service import Service
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     DeferredLock,
+    TimeoutError,
     ensureDeferred,
     fail,
     gatherResults,
     succeed,
 )
 from twisted.internet.error import ConnectionClosed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import (
+    IAddress,
+    IHostnameResolver,
+    IHostResolution,
+    IReactorTime,
+    IResolutionReceiver,
+)
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from txpostgres import reconnection, retrying, txpostgres
@@ -58,7 +68,7 @@ class Chatt:
     username: str | None
     message: str | None
     id: str
-    time: datetime.datetime
+    time: datetime.datetime | None  # a course table's column may hold NULL
     seq: int
 
 
@@ -119,10 +129,15 @@ class IChattStore(Interface):
     def begin_turn(appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
         """
         Take ``appid``'s turn (a lock shared by every process using this
-        database), store ``messages`` and return the whole history, oldest
-        first.  Waits at most ``timeout`` seconds for the turn (then
-        :class:`LockTimeout`, and nothing is stored).  On success the caller
-        must :meth:`end_turn`; on any failure nothing is held.
+        database), store ``messages`` and return the history to send to
+        Ollama, oldest first: ``messages`` whole, the appID's ``system`` rows
+        (oldest first, as many as fit in the store's history bound on their
+        own), and then the newest of its other rows that fit in what is left
+        of the bound (see :data:`MESSAGE_OVERHEAD`).  Nothing is deleted: the
+        rows left out stay in the table.  Waits at most ``timeout`` seconds
+        for the turn (then :class:`LockTimeout`, and nothing is stored).  On
+        success the caller must :meth:`end_turn`; on any failure nothing is
+        held.
         """
 
     def end_turn(appid: str, reply: str | None) -> Deferred[None]:
@@ -146,18 +161,46 @@ class IChattStore(Interface):
 
 # --- SQL -------------------------------------------------------------------------
 
+#: What a message costs of the history bound besides its role and content
+#: (in UTF-8 bytes): the JSON around them, ``{"role":"","content":""},``.
+#: It also keeps a flood of empty messages from slipping under the bound.
+MESSAGE_OVERHEAD = 25
+
+#: The default bound of the history sent to Ollama (``--max-history``).
+DEFAULT_MAX_HISTORY = 4 * 1024 * 1024
+
 #: The first round trip of a turn, as a function so that its plans are made
 #: once per connection (half the server's work of the same SQL sent as text):
 #: take the appID's turn (a session advisory lock), delete its rows if
 #: ``replace`` (``/llmprep``), store the new messages in order, return the
-#: history.  VOLATILE, so each statement takes a fresh snapshot: what it reads
-#: and deletes, after the lock, includes what the turn before committed.  Not
-#: taken: one row of NULLs, and nothing changed.
+#: history to send.  VOLATILE, so each statement takes a fresh snapshot: what
+#: it reads and deletes, after the lock, includes what the turn before
+#: committed.  Not taken: one row of NULLs, and nothing changed.
+#:
+#: The history is cut to ``max_bytes`` (NULL: no bound) here, so that no row
+#: left out ever leaves the database.  Every row counts its role and content
+#: in bytes plus ``MESSAGE_OVERHEAD``.  The system rows come first, oldest
+#: first, as long as they fit; then the new rows, always; then the other
+#: rows, newest first, as long as they fit in what is left.  Sizes come from
+#: ``octet_length``, which reads a long value's stored size without
+#: fetching the value, and each walk stops at the first row that does not
+#: fit: a turn reads little more than the rows it sends, however long the
+#: conversation.  A history of up to 1000 rows that fits whole (the usual
+#: case) is summed and sent in two plain statements instead.
 BEGIN_TURN_FUNCTION = """
 CREATE OR REPLACE FUNCTION chatterd_begin_turn(
-    lock_class integer, app text, roles text[], contents text[], replace boolean)
+    lock_class integer, app text, roles text[], contents text[], replace boolean, max_bytes bigint)
 RETURNS TABLE (seq bigint, role text, content text)
 LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    bound bigint := coalesce(max_bytes, 9223372036854775807);
+    used bigint := 0;
+    first_new bigint;
+    new_bytes bigint;
+    old_bytes bigint;
+    system_upto bigint;
+    others_from bigint;
+    r record;
 BEGIN
     IF NOT pg_try_advisory_lock(lock_class, hashtext(app)) THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::text;
@@ -166,13 +209,69 @@ BEGIN
     IF replace THEN
         DELETE FROM chatts AS c WHERE c.appid = app;
     END IF;
-    INSERT INTO chatts (username, message, id, time, appid)
-    SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
-      FROM unnest(roles, contents) WITH ORDINALITY AS t(r, m, n)
-     ORDER BY t.n;
-    RETURN QUERY SELECT c.seq, c.username::text, c.message::text
-                   FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
+    WITH added AS (
+        INSERT INTO chatts (username, message, id, time, appid)
+        SELECT t.r, t.m, gen_random_uuid(), clock_timestamp(), app
+          FROM unnest(roles, contents) WITH ORDINALITY AS t(r, m, n)
+         ORDER BY t.n
+        RETURNING chatts.seq, %(overhead)d + octet_length(chatts.username) + octet_length(chatts.message) AS size
+    )
+    -- (the subquery sees the table as it was before the insert: the old
+    -- rows; it gives up on the quick way past %(quick)d of them)
+    SELECT coalesce(min(a.seq), 9223372036854775807), coalesce(sum(a.size), 0),
+           (SELECT CASE WHEN count(*) <= %(quick)d THEN coalesce(sum(o.size), 0) END
+              FROM (SELECT %(overhead)d + coalesce(octet_length(c.username), 0)
+                           + coalesce(octet_length(c.message), 0) AS size
+                      FROM chatts AS c WHERE c.appid = app ORDER BY c.seq DESC LIMIT %(quick)d + 1) AS o)
+      INTO first_new, new_bytes, old_bytes FROM added AS a;
+    IF new_bytes + old_bytes <= bound THEN
+        -- all of it fits (the usual case)
+        RETURN QUERY SELECT c.seq, c.username::text, c.message::text
+                       FROM chatts AS c WHERE c.appid = app ORDER BY c.seq;
+        RETURN;
+    END IF;
+    FOR r IN SELECT c.seq, %(overhead)d + octet_length(c.username) + coalesce(octet_length(c.message), 0) AS size
+               FROM chatts AS c
+              WHERE c.appid = app AND c.seq < first_new AND c.username = 'system'
+              ORDER BY c.seq LOOP
+        EXIT WHEN used + r.size > bound;
+        used := used + r.size;
+        system_upto := r.seq;
+    END LOOP;
+    used := used + new_bytes;
+    FOR r IN SELECT c.seq, %(overhead)d + coalesce(octet_length(c.username), 0)
+                           + coalesce(octet_length(c.message), 0) AS size
+               FROM chatts AS c
+              WHERE c.appid = app AND c.seq < first_new AND c.username IS DISTINCT FROM 'system'
+              ORDER BY c.seq DESC LOOP
+        EXIT WHEN used + r.size > bound;
+        used := used + r.size;
+        others_from := r.seq;
+    END LOOP;
+    RETURN QUERY
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq <= system_upto AND c.username = 'system'
+        UNION ALL
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq >= others_from AND c.seq < first_new
+           AND c.username IS DISTINCT FROM 'system'
+        UNION ALL
+        SELECT c.seq, c.username::text, c.message::text FROM chatts AS c
+         WHERE c.appid = app AND c.seq >= first_new
+        ORDER BY 1;
 END
+$fn$;
+""" % {"overhead": MESSAGE_OVERHEAD, "quick": 1000}
+
+#: The function's signature before ``max_bytes``, which chatterd processes of
+#: an earlier version (during a rolling upgrade) still call: it now sends the
+#: whole history, as it did, through the new one.
+_OLD_BEGIN_TURN_FUNCTION = """
+CREATE OR REPLACE FUNCTION chatterd_begin_turn(
+    lock_class integer, app text, roles text[], contents text[], replace boolean)
+RETURNS TABLE (seq bigint, role text, content text)
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT * FROM chatterd_begin_turn(lock_class, app, roles, contents, replace, NULL::bigint)
 $fn$;
 """
 
@@ -205,7 +304,7 @@ BEGIN
 END $$;
 CREATE UNIQUE INDEX IF NOT EXISTS chatts_seq ON chatts (seq);
 CREATE INDEX IF NOT EXISTS chatts_appid_seq ON chatts (appid, seq);
-""" + BEGIN_TURN_FUNCTION
+""" + BEGIN_TURN_FUNCTION + _OLD_BEGIN_TURN_FUNCTION
 
 # ``id`` and ``time`` are given explicitly: a course table may lack defaults.
 _INSERT_ONE = """
@@ -237,7 +336,8 @@ _UNLOCK = "SELECT pg_advisory_unlock(%(class)s, hashtext(%(appid)s));"
 #: single row of NULLs means "not your turn" (and nothing was changed).
 _BEGIN_TURN = """
 SELECT seq, role, content
-  FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[], %(replace)s);
+  FROM chatterd_begin_turn(%(class)s, %(appid)s, %(roles)s::text[], %(contents)s::text[], %(replace)s,
+                           %(max)s::bigint);
 """
 
 #: Store the reply, commit, then give the turn back, in one round trip.  (No
@@ -264,14 +364,48 @@ def _holds(outcome: Any) -> bool:
     return _taken(outcome)
 
 
-def _many(appid: str, messages: Sequence[Message], *, replace: bool = False) -> dict[str, Any]:
+def _many(
+    appid: str, messages: Sequence[Message], *, replace: bool = False, max_bytes: int | None = None
+) -> dict[str, Any]:
     return {
         "class": _LOCK_CLASS,
         "appid": appid,
         "roles": [m["role"] for m in messages],
         "contents": [m["content"] for m in messages],
         "replace": replace,
+        "max": max_bytes,
     }
+
+
+#: psycopg2's diagnostics that name schema objects, never values.
+_SAFE_DIAGNOSTICS = ("schema_name", "table_name", "column_name", "datatype_name", "constraint_name")
+
+
+def error_summary(error: psycopg2.Error) -> str:
+    """
+    What may be logged of a database error: its SQLSTATE, its class and the
+    schema objects it names.  Never its text: the message and its
+    ``DETAIL`` can quote the values of a row (``Failing row contains
+    (...)``, ``invalid input syntax for type ...: "..."``), a user's words.
+    """
+    parts = [f"SQLSTATE {error.pgcode or 'none'}", type(error).__name__]
+    diag = getattr(error, "diag", None)
+    for field in _SAFE_DIAGNOSTICS:
+        value = getattr(diag, field, None)
+        if value:
+            parts.append(f"{field[:-len('_name')]} {value}")
+    return ", ".join(parts)
+
+
+def _dsn_connect_timeout(dsn: str) -> float | None:
+    """
+    The DSN's ``connect_timeout`` in seconds (libpq: at least 2), if it sets one.
+    """
+    try:
+        value = int(psycopg2.extensions.parse_dsn(dsn).get("connect_timeout", "0"))
+    except (ValueError, psycopg2.Error):
+        return None
+    return max(value, 2) if value > 0 else None
 
 
 # --- the connection pool ---------------------------------------------------------
@@ -335,6 +469,199 @@ class _Detector(reconnection.DeadConnectionDetector):
                 pass
 
 
+class ConnectTimeout(psycopg2.OperationalError):
+    """
+    A connection attempt took longer than its timeout and was abandoned.
+    (An ``OperationalError`` with no SQLSTATE, as libpq's own failures to
+    connect are: the connection's detector then keeps retrying.)
+    """
+
+
+class NameNotResolved(psycopg2.OperationalError):
+    """
+    No host name of the DSN resolved to an address.
+    """
+
+
+# --- connecting without blocking -------------------------------------------------
+
+
+def _is_address(host: str) -> bool:
+    return isIPAddress(host) or isIPv6Address(host)
+
+
+def _names(dsn: str, environ: Mapping[str, str]) -> list[str]:
+    """
+    The host names that libpq would resolve itself (with a blocking
+    ``getaddrinfo``) to connect with ``dsn``: none if addresses are given
+    (``hostaddr``), or for unix sockets and IP addresses.
+    """
+    params = psycopg2.extensions.parse_dsn(dsn)
+    if params.get("hostaddr") or environ.get("PGHOSTADDR"):
+        return []
+    hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
+    return [h for h in dict.fromkeys(hosts) if h and not h.startswith(("/", "@")) and not _is_address(h)]
+
+
+def with_addresses(dsn: str, addresses: Mapping[str, Sequence[str]], environ: Mapping[str, str]) -> str:
+    """
+    ``dsn`` with its host names' ``addresses`` given as ``hostaddr``, so that
+    libpq connects without resolving anything.  ``host`` keeps the names
+    (libpq checks a server certificate, and looks up passwords, by them): a
+    name with several addresses is repeated once per address, which libpq
+    then tries in order, as it would have.  Unix sockets and IP addresses
+    are kept as they are (an empty ``hostaddr`` entry).
+
+    :param addresses: every name of :func:`_names` and what it resolved to.
+    :raises NameNotResolved: if nothing is left to connect to.
+    """
+    params = psycopg2.extensions.parse_dsn(dsn)
+    hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
+    ports = (params.get("port") or environ.get("PGPORT") or "").split(",")
+    per_host = len(ports) == len(hosts) > 1
+    new_hosts: list[str] = []
+    new_addrs: list[str] = []
+    new_ports: list[str] = []
+    for i, host in enumerate(hosts):
+        found = addresses[host] if host in addresses else [host if _is_address(host) else ""]
+        for address in found:
+            new_hosts.append(host)
+            new_addrs.append(address)
+            new_ports.append(ports[i] if per_host else "")
+    if not new_hosts:
+        raise NameNotResolved(f"no address for {', '.join(addresses)}")
+    extra = {"host": ",".join(new_hosts), "hostaddr": ",".join(new_addrs)}
+    if per_host:
+        extra["port"] = ",".join(new_ports)
+    return psycopg2.extensions.make_dsn(dsn, **extra)
+
+
+def resolve(resolver: IHostnameResolver, name: str) -> Deferred[list[str]]:
+    """
+    The addresses of ``name`` (for TCP, without duplicates), through
+    ``resolver`` (Twisted's runs ``getaddrinfo`` in a thread, off the reactor).
+    """
+    done: Deferred[list[str]] = Deferred()
+    found: dict[str, None] = {}
+
+    @implementer(IResolutionReceiver)
+    class Receiver:
+        def resolutionBegan(self, resolution: IHostResolution) -> None:
+            pass
+
+        def addressResolved(self, address: IAddress) -> None:
+            found[address.host] = None  # type: ignore[attr-defined]
+
+        def resolutionComplete(self) -> None:
+            done.callback(list(found))
+
+    resolver.resolveHostName(Receiver(), name, 0, transportSemantics="TCP")
+    return done
+
+
+def _within(d: Deferred[T], seconds: float, reactor: IReactorTime, error: Exception) -> Deferred[T]:
+    """
+    A Deferred that mirrors ``d`` but fails with ``error`` after ``seconds``
+    (cancelling it fails it at once); either way ``d`` is left to end
+    unobserved (its result, or failure, is dropped).
+    """
+    mirror: Deferred[T] = Deferred(lambda m: timer.cancel() if timer.active() else None)
+    timer = reactor.callLater(max(seconds, 0), lambda: mirror.called or mirror.errback(error))
+
+    def done(result: Any) -> None:
+        if not mirror.called:
+            timer.cancel()
+            mirror.callback(result)
+
+    d.addBoth(done)
+    return mirror
+
+
+class _Connection(txpostgres.Connection):
+    """
+    A txpostgres connection, with its own reconnecting detector, whose
+    every attempt to connect (the first and each reconnection):
+
+    - resolves the DSN's host names through ``resolver`` and hands libpq
+      addresses (``hostaddr``), so that libpq never blocks the reactor in
+      ``getaddrinfo``;
+    - is abandoned after ``timeout`` seconds (socket closed, a
+      :class:`ConnectTimeout` for the detector, which tries again later):
+      libpq's asynchronous connect ignores ``connect_timeout``, and a host
+      that drops packets, or accepts and stays silent, would hold it for
+      minutes or for ever.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        *,
+        timeout: float,
+        resolver: IHostnameResolver | None,
+        environ: Mapping[str, str] = os.environ,
+    ) -> None:
+        super().__init__(reactor, detector=_Detector(reactor))
+        self._timeout = timeout
+        self._resolver = resolver
+        self._environ = environ
+        self._attempt: Deferred[Any] | None = None
+
+    def connect(self, dsn: str) -> Deferred[Any]:  # type: ignore[override]
+        self.detector.setReconnectable(self, dsn)  # a reconnection resolves the names again
+        if self._connection is not None and not self._connection.closed:
+            return fail(txpostgres.AlreadyConnected())
+        self._attempt = ensureDeferred(self._connect(dsn))
+        return self._attempt
+
+    async def _connect(self, dsn: str) -> _Connection:
+        deadline = self.reactor.seconds() + self._timeout
+        late = ConnectTimeout(f"no connection to the database within {self._timeout:g} s")
+        names = _names(dsn, self._environ)
+        if names:
+            if self._resolver is None:
+                raise NameNotResolved("no resolver for host names")
+            found = gatherResults([resolve(self._resolver, name) for name in names], consumeErrors=True)
+            addresses = await _within(found, deadline - self.reactor.seconds(), self.reactor, late)
+            dsn = with_addresses(dsn, dict(zip(names, addresses)), self._environ)
+        self._connection = self.connectionFactory(dsn, **{"async": True})
+        try:
+            await _within(self.poll(), deadline - self.reactor.seconds(), self.reactor, late)
+        except BaseException:
+            self._abandon()
+            raise
+        self.reactor.addReader(self)  # as txpostgres does: NOTIFY and a closed socket are seen at once
+        return self
+
+    def doRead(self) -> None:
+        if self._attempt is not None and not self._attempt.called:
+            # connecting: only move the attempt on (txpostgres would also
+            # watch the socket again, whose number is -1 once libpq failed)
+            txpostgres._PollingMixin.doRead(self)
+        else:
+            super().doRead()
+
+    def _abandon(self) -> None:
+        """
+        Give up the attempt under way: nothing watches or polls it any more,
+        and its socket is closed.
+        """
+        self.reactor.removeReader(self)
+        self.reactor.removeWriter(self)
+        self._pollingD = None  # its poll never fires now; the next attempt polls anew
+        if self._connection is not None and not self._connection.closed:
+            try:
+                self._connection.close()
+            except psycopg2.Error:
+                pass
+
+    def stop_connecting(self) -> None:
+        """
+        Abandon the attempt under way, if any.
+        """
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()
+
+
 class PoolTimeout(Exception):
     """
     No connection became free in time.
@@ -351,13 +678,20 @@ class ConnectionPool:
     """
 
     def __init__(
-        self, dsn: str, size: int, reactor: IReactorTime, acquire_timeout: float = 10.0
+        self,
+        dsn: str,
+        size: int,
+        reactor: IReactorTime,
+        acquire_timeout: float = 10.0,
+        *,
+        connect_timeout: float = 10.0,
+        resolver: IHostnameResolver | None = None,
     ) -> None:
         self._dsn = dsn
         self._reactor = reactor
         self._timeout = acquire_timeout
         self._all = [
-            txpostgres.Connection(reactor, detector=_Detector(reactor)) for _ in range(size)
+            _Connection(reactor, timeout=connect_timeout, resolver=resolver) for _ in range(size)
         ]
         self._idle = list(self._all)
         self._waiting: deque[Deferred[txpostgres.Connection]] = deque()
@@ -369,11 +703,11 @@ class ConnectionPool:
 
     def start(self) -> Deferred[int]:
         """
-        Connect every connection; fires with the number that connected.  Those
-        that failed keep retrying in the background.
+        Connect every connection, all at once; fires with the number that
+        connected.  Those that failed keep retrying in the background.
         """
 
-        async def connect(c: txpostgres.Connection) -> bool:
+        async def connect(c: _Connection) -> bool:
             try:
                 await c.connect(self._dsn)
                 return True
@@ -381,11 +715,8 @@ class ConnectionPool:
                 c.detector.checkForDeadConnection(Failure())
                 return False
 
-        async def all_() -> int:
-            results = [await ensureDeferred(connect(c)) for c in self._all]
-            return sum(results)
-
-        return ensureDeferred(all_())
+        connecting = gatherResults([ensureDeferred(connect(c)) for c in self._all])
+        return connecting.addCallback(sum)
 
     def _live(self, c: txpostgres.Connection) -> bool:
         return not c.detector.connectionIsDead
@@ -442,6 +773,7 @@ class ConnectionPool:
         self._closed = True
         for c in self._all:
             c.detector.stop()
+            c.stop_connecting()
             if c._connection is not None:
                 try:
                     c.close()
@@ -484,6 +816,14 @@ class PostgresChattStore(Service):
 
     :param dsn: a libpq connection string, or a callable returning one once the
         service starts (the embedded server's address is known only then).
+    :param acquire_timeout: seconds a call waits for a free connection, or
+        for the store's start (``--db-wait``); then :class:`StoreUnavailable`.
+    :param connect_timeout: seconds one attempt to connect may take before it
+        is abandoned (and tried again later) [default: the DSN's
+        ``connect_timeout``, else ``acquire_timeout``].
+    :param resolver: resolves the DSN's host names [default: the reactor's].
+    :param max_history: the most bytes of history :meth:`begin_turn` returns
+        (``--max-history``; see :data:`BEGIN_TURN_FUNCTION`).
     :param on_error: told the kind of every database failure
         (``unavailable``, ``busy``, ``too_long``, ``other``), for metrics.
     """
@@ -497,6 +837,9 @@ class PostgresChattStore(Service):
         reactor: IReactorTime,
         pool_size: int = 4,
         acquire_timeout: float = 10.0,
+        connect_timeout: float | None = None,
+        resolver: IHostnameResolver | None = None,
+        max_history: int = DEFAULT_MAX_HISTORY,
         on_error: Callable[[str], object] = lambda kind: None,
     ) -> None:
         self._dsn = dsn
@@ -504,6 +847,9 @@ class PostgresChattStore(Service):
         self._reactor = reactor
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
+        self._connect_timeout = connect_timeout
+        self._resolver = resolver if resolver is not None else getattr(reactor, "nameResolver", None)
+        self._max_history = max_history
         self._pool: ConnectionPool | None = None
         self._lockers: list[ConnectionPool] = []
         self._schema_ready = False
@@ -515,13 +861,18 @@ class PostgresChattStore(Service):
     def startService(self) -> None:
         super().startService()
         dsn = self._dsn() if callable(self._dsn) else self._dsn
-        self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout)
+        connecting = {
+            "connect_timeout": self._connect_timeout or _dsn_connect_timeout(dsn) or self._acquire_timeout,
+            "resolver": self._resolver,
+        }
+        self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout, **connecting)
         # appID locks live on connections of their own: they are held for a
         # whole stream, which must not take a pool connection out of service.
         # A session lock is given back on the connection that took it, so an
         # appID always uses the same one (chosen by hash).
         self._lockers = [
-            ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout) for _ in range(self._pool_size)
+            ConnectionPool(dsn, 1, self._reactor, self._acquire_timeout, **connecting)
+            for _ in range(self._pool_size)
         ]
         self.started = ensureDeferred(self._start(self._pool, self._lockers))
 
@@ -540,6 +891,9 @@ class PostgresChattStore(Service):
         log.info("database: {n} of {size} connections open", n=connected, size=self._pool_size)
         try:
             await pool.run(self._with_schema)
+        except psycopg2.Error as e:
+            log.error("could not create the schema ({error}); will retry with the next request",
+                      error=error_summary(e))
         except Exception:
             log.failure("could not create the schema; will retry with the next request")
         return connected
@@ -578,7 +932,12 @@ class PostgresChattStore(Service):
             return await getattr(c, method)(sql, params)
 
         if self.started is not None and not self.started.called:
-            await _shield(self.started)  # requests that come while connecting wait for it
+            # requests that come while connecting wait for it, as long as for a connection
+            try:
+                await _shield(self.started).addTimeout(self._acquire_timeout, self._reactor)
+            except TimeoutError:
+                self._on_error("unavailable")
+                raise StoreUnavailable("the database is not reachable yet, try again shortly") from None
         try:
             return await (pool or self.pool).run(body)
         except StoreError:
@@ -588,7 +947,7 @@ class PostgresChattStore(Service):
             raise StoreUnavailable("the database is busy, try again shortly") from e
         except (reconnection.ConnectionDead, psycopg2.Error, ConnectionClosed) as e:
             if isinstance(e, psycopg2.Error) and not _connection_lost(e):
-                raise self._failed(e) from e
+                raise self._failed(e) from None  # its text may quote a row: not passed on
             self._on_error("unavailable")
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
         except Exception as e:
@@ -596,13 +955,17 @@ class PostgresChattStore(Service):
 
     def _failed(self, error: Exception) -> StoreError:
         """
-        What a statement's own failure (the connection lives on) is reported as.
+        What a statement's own failure (the connection lives on) is reported
+        as; it is logged, but only by :func:`error_summary`.
         """
         if isinstance(error, psycopg2.errors.StringDataRightTruncation):
             self._on_error("too_long")
             return ValueTooLong("a value is too long for its column")
         self._on_error("other")
-        log.failure("database error", Failure(error))
+        if isinstance(error, psycopg2.Error):
+            log.error("database error: {error}", error=error_summary(error), sqlstate=error.pgcode)
+        else:
+            log.failure("database error", Failure(error))  # not psycopg2's: a bug, with its traceback
         return StoreError("database error")
 
     def _call(self, method: str, sql: str, params: dict[str, Any]) -> Deferred[Any]:
@@ -619,7 +982,8 @@ class PostgresChattStore(Service):
         return d.addCallback(lambda rows: [Chatt(*row) for row in rows])
 
     def begin_turn(self, appid: str, messages: Sequence[Message], timeout: float) -> Deferred[list[Message]]:
-        d = ensureDeferred(self._begin_turn(appid, _many(appid, messages), timeout))
+        params = _many(appid, messages, max_bytes=self._max_history)
+        d = ensureDeferred(self._begin_turn(appid, params, timeout))
         return d.addCallback(lambda rows: [{"role": r, "content": m} for _, r, m in rows])
 
     def end_turn(self, appid: str, reply: str | None) -> Deferred[None]:

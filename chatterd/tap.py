@@ -38,7 +38,7 @@ from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaClient, http_client
 from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
-from chatterd.store import PostgresChattStore
+from chatterd.store import DEFAULT_MAX_HISTORY, PostgresChattStore
 from chatterd.streams import Streams
 from chatterd.web import ChatterApp, ReadinessResource
 
@@ -127,6 +127,10 @@ class Options(usage.Options):
          _positive(float, "heartbeat")],
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.",
          _positive(int, "max-body")],
+        ["max-history", None, DEFAULT_MAX_HISTORY,
+         "Most bytes of an appID's history sent to Ollama: the newest messages that fit "
+         "(the system prompt and the new messages always).",
+         _positive(int, "max-history")],
         ["db-pool-size", None, 4, "Database connections.", _positive(int, "db-pool-size")],
         ["db-wait", None, 10.0, "Seconds a request waits for a free database connection.",
          _positive(float, "db-wait")],
@@ -308,6 +312,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         reactor=reactor,
         pool_size=options["db-pool-size"],
         acquire_timeout=options["db-wait"],
+        max_history=options["max-history"],
         on_error=metrics.database_error,
     )
     store.setServiceParent(parent)

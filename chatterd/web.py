@@ -299,7 +299,8 @@ class ChatterApp:
             first = True
             while page:
                 rows = (
-                    json.dumps([c.username, c.message, c.id, c.time.isoformat()]) for c in page
+                    json.dumps([c.username, c.message, c.id, None if c.time is None else c.time.isoformat()])
+                    for c in page
                 )
                 text = ",".join(rows)
                 request.write((text if first else "," + text).encode("utf-8"))
@@ -313,6 +314,11 @@ class ChatterApp:
             # The array is half sent: cut the connection so that the client
             # cannot mistake what it got for the whole table.
             log.error("getchatts broke off: {e}", e=e)
+            abort_response(request)
+        except CancelledError:
+            raise  # the client left
+        except Exception:
+            log.failure("getchatts broke off")  # a bug: cut the array all the same
             abort_response(request)
         finally:
             flow.unregister()

@@ -4,7 +4,8 @@ An Ollama emulator for the test suite: Ollama's wire format over real TCP, with 
 It answers ``POST /api/chat`` and ``POST /api/generate`` the way Ollama's ``server/routes.go`` does
 (NDJSON lines encoded like Go's ``json.Marshal``, ``application/x-ndjson``, chunked transfer
 encoding, ``{"error": ...}`` bodies with real statuses before the first byte and an ``{"error": ...}``
-line after it), plus ``GET /``, ``GET /api/version`` and ``GET /api/tags``.  Each model name maps to
+line after it), plus ``GET /``, ``GET /api/version`` and ``GET /api/tags`` (which
+:attr:`OllamaEmulator.stalled_gets` can make stall after their headers).  Each model name maps to
 a :class:`Behaviour` that scripts timing and faults (errors, garbage lines, truncation, resets,
 stalls, dropped or unanswered requests, split or coalesced writes).
 
@@ -646,6 +647,45 @@ class _Response:
             self._pending = self._reactor.callLater(RESET_GAP, self._reset)
 
 
+class _StalledAnswer:
+    """
+    A whole answer (a ``GET`` listed in :attr:`OllamaEmulator.stalled_gets`) whose status,
+    headers (with the full ``Content-Length``) and first half of the body are sent at once; the
+    rest waits for :meth:`OllamaEmulator.release`, or for ever if the client does not leave.
+    """
+
+    def __init__(
+        self, emulator: OllamaEmulator, request: Request, record: Recorded, content_type: bytes, body: bytes
+    ) -> None:
+        self._emu = emulator
+        self._request = request
+        self.record = record
+        self._rest = body[len(body) // 2 :]
+        emulator._responses.add(self)  # type: ignore[arg-type]
+        request.notifyFinish().addBoth(lambda _: self._close())
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body[: len(body) // 2])
+        emulator._stall(self)  # type: ignore[arg-type]
+
+    def _close(self) -> None:
+        self._emu._responses.discard(self)  # type: ignore[arg-type]
+        self._emu._stalled.discard(self)  # type: ignore[arg-type]
+
+    def resume(self) -> None:
+        """Send the rest of the body and finish."""
+        if self._request.finished or self._request.channel is None:
+            return
+        self._request.write(self._rest)
+        self._request.finish()
+
+    def stop(self) -> None:
+        """Stop for :meth:`OllamaEmulator.stop` (the connection is about to be aborted)."""
+        self._close()
+        self.record._end("stopped")
+
+
 # --------------------------------------------------------------------------------------------
 # HTTP plumbing
 
@@ -732,6 +772,9 @@ class OllamaEmulator:
         self.models: dict[str, Behaviour] = {DEFAULT_MODEL: Behaviour()}
         #: Every request received, in order.
         self.requests: list[Recorded] = []
+        #: Paths whose ``GET`` (``/api/tags``, ``/api/version``, ``/``) gets its status, headers
+        #: and half its body, then stalls until :meth:`release` or the client leaves.
+        self.stalled_gets: set[str] = set()
         self._listening: IListeningPort | None = None
         self._tracker = _ConnectionTracker(_QuietSite(_OllamaResource(self), reactor=reactor), self)
         self._responses: set[_Response] = set()
@@ -903,12 +946,18 @@ class OllamaEmulator:
         )
 
         if method in ("GET", "HEAD"):
+            answer = None
             if path == "/":
-                return self._send_whole(request, 200, TEXT_UTF8, b"Ollama is running")
-            if path == "/api/version":
-                return self._send_whole(request, 200, JSON_UTF8, go_json({"version": OLLAMA_VERSION}))
-            if path == "/api/tags":
-                return self._send_whole(request, 200, JSON_UTF8, go_json({"models": self._tags()}))
+                answer = TEXT_UTF8, b"Ollama is running"
+            elif path == "/api/version":
+                answer = JSON_UTF8, go_json({"version": OLLAMA_VERSION})
+            elif path == "/api/tags":
+                answer = JSON_UTF8, go_json({"models": self._tags()})
+            if answer is not None:
+                if method == "GET" and path in self.stalled_gets:
+                    _StalledAnswer(self, request, record, *answer)
+                    return NOT_DONE_YET
+                return self._send_whole(request, 200, *answer)
         elif method == "POST" and path in ("/api/chat", "/api/generate"):
             kind = "chat" if path == "/api/chat" else "generate"
             try:

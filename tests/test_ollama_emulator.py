@@ -497,6 +497,35 @@ class OtherEndpointTests(EmulatorTestCase):
         self.assertEqual([m["model"] for m in models], ["llama3.2:latest", "qwen3:8b"])
         self.assertEqual(list(models[0]), ["name", "model", "modified_at", "size", "digest", "details"])
 
+    async def test_stalled_get_then_release(self) -> None:
+        """
+        A path in ``stalled_gets`` gets its headers and half its body, then nothing until
+        ``release()``, which sends the rest.
+        """
+        self.emu.stalled_gets.add("/api/version")
+        response = await treq.get(self.emu.url + "/api/version", unbuffered=True, pool=self.pool)
+        self.assertEqual((response.code, response.length), (200, len(b'{"version":"0.12.0"}')))
+        reader = self.read(response)
+        record = await self.emu.when_stalled()
+        await sleep(0.05)
+        self.assertEqual((reader.body(), record.outcome), (b'{"version"', None))
+        self.emu.release()
+        self.assertIsInstance((await reader.ended()).value, ResponseDone)
+        self.assertEqual((reader.body(), record.outcome), (b'{"version":"0.12.0"}', "finished"))
+
+    async def test_stalled_get_then_client_leaves(self) -> None:
+        """A client leaving a stalled GET closes the connection and leaves nothing behind."""
+        self.emu.stalled_gets.add("/api/tags")
+        response = await treq.get(self.emu.url + "/api/tags", unbuffered=True, pool=self.pool)
+        reader = self.read(response)
+        record = await self.emu.when_stalled()
+        closed = self.emu.connection_closed()
+        reader.transport.stopProducing()  # type: ignore[union-attr]
+        await closed
+        self.assertEqual(await record.ended(), "client_left")
+        self.assertEqual((self.emu.open_connections, self.emu.active_responses), (0, 0))
+        self.assert_data_loss(await reader.ended())
+
     async def test_unknown_path(self) -> None:
         """Unknown paths get gin's plain-text 404."""
         response = await treq.get(self.emu.url + "/api/nothing", pool=self.pool)

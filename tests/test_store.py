@@ -5,6 +5,7 @@ atomic replacement, paging, course tables, cancellation and outages.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -13,11 +14,16 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from chatterd import store as store_module
+from chatterd import tap
 from chatterd.store import (
+    MESSAGE_OVERHEAD,
     IChattStore,
     LockTimeout,
     PostgresChattStore,
@@ -64,7 +70,11 @@ def advisory_locks(dsn: str) -> int:
     return query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")[0][0]
 
 
-class StoreTests(TestCase):
+class StoreCase(TestCase):
+    """
+    Tests on a store of their own, on a fresh database of the test cluster.
+    """
+
     async def make_store(self, dsn: str | None = None, **kwargs: object) -> PostgresChattStore:
         self.dsn = dsn or pgcluster.fresh_database()
         store = PostgresChattStore(self.dsn, reactor=reactor, **kwargs)  # type: ignore[arg-type]
@@ -73,6 +83,8 @@ class StoreTests(TestCase):
         await store.started
         return store
 
+
+class StoreTests(StoreCase):
     async def test_interface(self) -> None:
         """
         The store provides IChattStore.
@@ -434,3 +446,258 @@ class OutageTests(TestCase):
         await self.post_once_back(store, "m")
         self.assertEqual(query(dsn, "SELECT username, message FROM chatts"), [("u", "m")])
         self.flushLoggedErrors(psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+#: A user's words, which must never reach the log.
+SECRET = "my bank PIN is 4711"
+
+
+def logged_text(events: list[dict[str, object]]) -> str:
+    """
+    Everything ``events`` would write to the log: each line, its fields and any traceback.
+    """
+    lines = []
+    for event in events:
+        lines.append(formatEvent(event))
+        lines.append(repr({k: v for k, v in event.items() if k != "log_logger"}))
+        failure = event.get("log_failure")
+        if failure is not None:
+            lines.append(failure.getTraceback())  # type: ignore[attr-defined]
+    return "\n".join(lines)
+
+
+class ErrorLogTests(StoreCase):
+    """
+    A statement's failure is logged by its SQLSTATE, class and schema names,
+    never by psycopg2's text, which can quote the row (a user's message).
+    """
+
+    async def failing_post(self, setup: str, message: str) -> str:
+        """
+        Make ``setup`` on a fresh database, post ``message`` (which must
+        fail with a plain StoreError), and return what was logged.
+        """
+        store = await self.make_store()
+        query(self.dsn, setup)
+        with capturedLogs() as events:
+            failure = await self.assertFailure(store.post_chatt("u", message), StoreError)
+        self.assertEqual(type(failure), StoreError)
+        self.assertEqual(str(failure), "database error")
+        self.assertIsNone(failure.__cause__)  # nothing that quotes the row travels with it
+        self.flushLoggedErrors()
+        return logged_text(events)
+
+    async def test_failing_row_detail_is_not_logged(self) -> None:
+        """
+        A CHECK constraint's "DETAIL: Failing row contains (...)" holds the
+        message: the log has SQLSTATE 23514, the class and the constraint's
+        and table's names instead.
+        """
+        text = await self.failing_post(
+            "ALTER TABLE chatts ADD CONSTRAINT short_message CHECK (length(message) < 10)", SECRET
+        )
+        self.assertIn("SQLSTATE 23514", text)
+        self.assertIn("CheckViolation", text)
+        self.assertIn("constraint short_message", text)
+        self.assertIn("table chatts", text)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn("4711", text)
+
+    async def test_invalid_input_text_is_not_logged(self) -> None:
+        """
+        'invalid input syntax for type integer: "<the message>"' quotes the
+        value in psycopg2's primary message: only SQLSTATE 22P02 is logged.
+        """
+        text = await self.failing_post(REFUSE.replace(
+            "IF NEW.message = 'refused' THEN RAISE EXCEPTION 'refused by a trigger'; END IF;",
+            "PERFORM NEW.message::integer;",
+        ), SECRET)
+        self.assertIn("SQLSTATE 22P02", text)
+        self.assertIn("InvalidTextRepresentation", text)
+        self.assertNotIn(SECRET, text)
+        self.assertNotIn("4711", text)
+
+
+def size(message: dict[str, str]) -> int:
+    """
+    What a message costs of the history bound.
+    """
+    return MESSAGE_OVERHEAD + len(message["role"].encode()) + len(message["content"].encode())
+
+
+def bounded(old: list[dict[str, str]], new: list[dict[str, str]], bound: int) -> list[dict[str, str]]:
+    """
+    The history that the bound lets through, by the rule: the system rows
+    oldest first as long as they fit, the new messages always, then the
+    other rows newest first as long as they fit, all in their order.
+    """
+    keep = set()
+    used = 0
+    for i, m in enumerate(old):
+        if m["role"] == "system":
+            if used + size(m) > bound:
+                break
+            used += size(m)
+            keep.add(i)
+    used += sum(size(m) for m in new)
+    for i in reversed(range(len(old))):
+        if old[i]["role"] != "system":
+            used += size(old[i])
+            if used > bound:
+                break
+            keep.add(i)
+    return [m for i, m in enumerate(old) if i in keep] + new
+
+
+def turn(n: int, length: int = 100) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"q{n:03}".ljust(length, ".")},
+            {"role": "assistant", "content": f"a{n:03}".ljust(length, ".")}]
+
+
+class HistoryBoundTests(StoreCase):
+    """
+    begin_turn returns at most max_history bytes of history, cut in the
+    database: the new messages whole, the system prompt, the newest rows
+    that fit, in order; nothing is deleted.
+    """
+
+    SYSTEM = [{"role": "system", "content": "Be brief."}]
+
+    async def fill(self, store: PostgresChattStore, appid: str, turns: int, length: int = 100) -> list[dict[str, str]]:
+        """
+        /llmprep's system prompt, then ``turns`` questions and answers.
+        """
+        await store.replace_history(appid, self.SYSTEM, 1.0)
+        rows = list(self.SYSTEM) + [m for n in range(turns) for m in turn(n, length)]
+        query(self.dsn, "INSERT INTO chatts (username, message, appid) "
+                        "SELECT r, m, %s FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS t(r, m, i) "
+                        "ORDER BY i", (appid, [m["role"] for m in rows[1:]], [m["content"] for m in rows[1:]]))
+        return rows
+
+    def count(self, appid: str) -> int:
+        return query(self.dsn, "SELECT count(*) FROM chatts WHERE appid = %s", (appid,))[0][0]
+
+    async def test_the_bound_is_respected(self) -> None:
+        """
+        With 50 turns stored and room for 10, the history is the system
+        prompt, the 10 newest turns and the new prompt, in order, within the
+        bound; the 100 rows left out are still in the table.
+        """
+        new = user("and now?")
+        bound = size(self.SYSTEM[0]) + 10 * sum(size(m) for m in turn(0)) + size(new[0])
+        store = await self.make_store(max_history=bound)
+        old = await self.fill(store, "a", 50)
+        found = await history(store, "a", new)
+        self.assertEqual(found, self.SYSTEM + [m for n in range(40, 50) for m in turn(n)] + new)
+        self.assertLessEqual(sum(map(size, found)), bound)
+        self.assertEqual(self.count("a"), len(old) + 1)
+        self.assertEqual(await history(store, "b", user("other app")), user("other app"))
+
+    async def test_bytes_are_counted_exactly(self) -> None:
+        """
+        A row counts its role and content in UTF-8 bytes plus the JSON
+        framing: a bound of exactly the sizes takes the older row, one byte
+        less leaves it out.
+        """
+        older, new = [{"role": "user", "content": "caf\u00e9 \u2615"}], user("more")
+        exact = size(self.SYSTEM[0]) + size(older[0]) + size(new[0])
+        for bound, expected in [(exact, self.SYSTEM + older + new), (exact - 1, self.SYSTEM + new)]:
+            store = await self.make_store(max_history=bound)
+            await store.replace_history("a", self.SYSTEM + older, 1.0)
+            self.assertEqual(await history(store, "a", new), expected, bound)
+
+    async def test_the_new_prompt_is_kept_whole(self) -> None:
+        """
+        A prompt larger than the whole bound is sent whole, with the system
+        prompt (it fits on its own) and none of the older rows.
+        """
+        store = await self.make_store(max_history=200)
+        await self.fill(store, "a", 3)
+        big = user("x" * 1000)
+        self.assertEqual(await history(store, "a", big), self.SYSTEM + big)
+        self.assertEqual(self.count("a"), 1 + 6 + 1)
+
+    async def test_without_a_new_message(self) -> None:
+        """
+        A turn with no new messages gets the newest rows that fit.
+        """
+        store = await self.make_store(max_history=size(self.SYSTEM[0]) + sum(size(m) for m in turn(0)))
+        await self.fill(store, "a", 5)
+        self.assertEqual(await history(store, "a", []), self.SYSTEM + turn(4))
+
+    async def test_a_long_history_that_fits(self) -> None:
+        """
+        A history of more rows than the quick sum looks at (1000) is still
+        sent whole when it fits.
+        """
+        store = await self.make_store()
+        old = await self.fill(store, "a", 600, length=10)
+        self.assertEqual(await history(store, "a", user("more")), old + user("more"))
+
+    async def test_the_cut_follows_the_rule(self) -> None:
+        """
+        On histories of random roles and sizes (some multi-byte, some
+        empty) and random bounds, the database keeps exactly what the rule
+        says, in order.
+        """
+        store = await self.make_store()
+        rng = random.Random(12)
+        sql = store_module._BEGIN_TURN
+        for case in range(40):
+            roles = rng.choices(["system", "user", "assistant", "tool"], weights=[1, 4, 4, 1], k=rng.randrange(30))
+            old = [{"role": r, "content": rng.choice(["", "é", "\u2615", "ab"]) * rng.randrange(60)} for r in roles]
+            new = [{"role": rng.choice(["user", "system"]), "content": "n" * rng.randrange(80)}
+                   for _ in range(rng.randrange(3))]
+            bound = rng.randrange(2000)
+            appid = f"r{case}"
+            await store.replace_history(appid, old, 1.0)
+            rows = query(self.dsn, sql, store_module._many(appid, new, max_bytes=bound))
+            query(self.dsn, store_module._UNLOCK, {"class": store_module._LOCK_CLASS, "appid": appid})
+            found = [{"role": r, "content": c} for _, r, c in rows]
+            self.assertEqual(found, bounded(old, new, bound), (case, bound))
+            self.assertEqual(self.count(appid), len(old) + len(new))
+
+    async def test_an_older_schema_is_upgraded(self) -> None:
+        """
+        A database made by an earlier chatterd (the function without its
+        bound) gets the bounded function, and the old signature, still
+        called by processes not yet upgraded, sends the whole history.
+        """
+        dsn = pgcluster.fresh_database()
+        query(dsn, "CREATE TABLE chatts (username varchar(255), message text, id uuid PRIMARY KEY DEFAULT "
+                   "gen_random_uuid(), time timestamptz NOT NULL DEFAULT clock_timestamp(), appid varchar(155));"
+                   "CREATE FUNCTION chatterd_begin_turn(lock_class integer, app text, roles text[], "
+                   "contents text[], replace boolean) RETURNS TABLE (seq bigint, role text, content text) "
+                   "LANGUAGE sql AS $$ SELECT 1::bigint, 'old'::text, 'old'::text $$")
+        store = await self.make_store(dsn, max_history=size(self.SYSTEM[0]) + sum(size(m) for m in turn(0)))
+        old = await self.fill(store, "a", 3)
+        self.assertEqual(await history(store, "a", []), self.SYSTEM + turn(2))
+        # (the lock, taken on query()'s own connection, goes with it)
+        old_call = ("SELECT role, content FROM chatterd_begin_turn(%s, 'a', '{}'::text[], '{}'::text[], false)",
+                    (store_module._LOCK_CLASS,))
+        self.assertEqual(query(dsn, *old_call), [(m["role"], m["content"]) for m in old])
+        await self.make_store(dsn)  # and again: nothing changes
+        self.assertEqual(query(dsn, *old_call), [(m["role"], m["content"]) for m in old])
+        self.assertEqual(await history(store, "a", []), self.SYSTEM + turn(2))
+
+
+class MaxHistoryOptionTests(SynchronousTestCase):
+    """
+    ``--max-history BYTES`` reaches the store; 4 MiB by default.
+    """
+
+    def store(self, *argv: str) -> PostgresChattStore:
+        options = tap.Options()
+        options.parseOptions(["--database", "dbname=x", "--listen", "tcp:8080", *argv])
+        [sequential] = tap.makeService(options, reactor=MemoryReactorClock())
+        return sequential.getServiceNamed("store")  # type: ignore[no-any-return]
+
+    def test_default(self) -> None:
+        self.assertEqual(self.store()._max_history, 4 * 1024 * 1024)
+
+    def test_given(self) -> None:
+        self.assertEqual(self.store("--max-history", "65536")._max_history, 65536)
+
+    def test_bad_values(self) -> None:
+        for value in ("0", "-1", "1.5", "lots"):
+            self.assertRaises(usage.UsageError, self.store, "--max-history", value)
