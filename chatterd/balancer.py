@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_operations -*-
+# -*- test-case-name: tests.test_balancer,tests.test_operations -*-
 """
 Several Ollama servers behind one chatterd: which one takes a request.
 
