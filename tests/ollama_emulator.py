@@ -258,6 +258,9 @@ class Behaviour:
     status: int | None = None
     #: Error text for ``status``, ``error_after`` and ``stream: false`` failures.
     error: str = DEFAULT_ERROR
+    #: With ``status``: answer this body (as ``text/html``) instead of Ollama's
+    #: ``{"error": error}``, as a proxy in front of Ollama would.
+    error_page: bytes | None = None
     #: After N chunks, write an ``{"error": error}`` line (no ``done``) and end the response normally.
     error_after: int | None = None
     #: After N chunks, write ``not_json_line`` then carry on to the normal end.
@@ -535,7 +538,10 @@ class _Response:
             self._request.channel.loseConnection()
             return
         if b.status is not None:
-            self._emu._send_whole(request, b.status, JSON_UTF8, go_json({"error": b.error}))
+            if b.error_page is not None:
+                self._emu._send_whole(request, b.status, b"text/html", b.error_page)
+            else:
+                self._emu._send_whole(request, b.status, JSON_UTF8, go_json({"error": b.error}))
             return
         if not self._streaming():
             self._answer_whole()

@@ -478,6 +478,21 @@ class LLMPromptTests(LLMTestCase):
         self.assertEqual(s.response.code, 404)
         self.assertEqual(json.loads(s.body), {"error": "model 'nonesuch' not found"})
 
+    async def test_an_error_page_is_not_passed_through(self) -> None:
+        """
+        An error answer that is not Ollama's own JSON error (a proxy's HTML
+        page) keeps its status but not its body: the client gets a JSON
+        error saying only what happened; the page goes to the log.
+        """
+        page = b"<html><body><h1>502 Bad Gateway</h1><p>nginx/1.22 at 10.0.0.5</p></body></html>"
+        self.emulator.models["proxied"] = Behaviour(status=502, error_page=page)
+        response, body = await self.server.post("/llmprompt", {"model": "proxied", "prompt": "Hi"})
+        self.assertEqual(response.code, 502)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(json.loads(body), {"error": "Ollama answered 502"})
+        s = await self.stream(chat(model="proxied"))
+        self.assertEqual([json.loads(e) for e in read_as_phone(s.body).errors], [{"error": "Ollama answered 502"}])
+
     async def test_unreachable(self) -> None:
         """
         No Ollama: a 502 JSON error naming it.
