@@ -112,7 +112,7 @@ class Chatterd:
         streams: dict[str, Any] | None = None,
         site: dict[str, Any] | None = None,
         app: dict[str, Any] | None = None,
-        balancer: dict[str, Any] | None = None,
+        balancer: dict[str, Any] | None = None,  # may hold its own "clock"
         pool_size: int = 3,
         connect_timeout: float | None = None,
     ) -> None:
@@ -125,7 +125,9 @@ class Chatterd:
         self.streams = Streams(clock=reactor, **(streams or {}))
         upstream = http_client(reactor, HTTPConnectionPool(reactor, persistent=False), connect_timeout or 30.0)
         urls = [ollama] if isinstance(ollama, str) else ollama
-        self.ollama = Balancer([OllamaClient(upstream, url) for url in urls], clock=reactor, **(balancer or {}))
+        self.ollama = Balancer(
+            [OllamaClient(upstream, url) for url in urls], **{"clock": reactor, **(balancer or {})}
+        )
         self.metrics.watch(streams=self.streams, store=self.store, ollama=self.ollama)
         self.app = ChatterApp(
             store=self.store, ollama=self.ollama, streams=self.streams, clock=reactor, relay=relay,

@@ -9,6 +9,8 @@ import io
 import json
 import os
 import signal
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import psycopg2
@@ -16,7 +18,7 @@ import psycopg2.extensions
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -28,6 +30,19 @@ from tests.harness import Chatterd, query
 from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
 from tests.phone import read_as_phone
 from tests.test_llmchat import APP, chat
+
+
+async def until(condition: Callable[[], bool], limit: float = 30.0) -> None:
+    """
+    Wait until ``condition()`` holds, failing after ``limit`` seconds (a
+    bound for a hang, not a timing goal).
+    """
+    waited = 0.0
+    while not condition():
+        if waited > limit:
+            raise AssertionError(f"still not so after {limit} s")
+        await deferLater(reactor, 0.01)
+        waited += 0.01
 
 
 class OperationsTestCase(TestCase):
@@ -290,19 +305,39 @@ class SeveralOllamasTests(TestCase):
     async def test_failover_to_the_next_server(self) -> None:
         """
         When the first server refuses connections, the request goes to the
-        next one and the phone sees no error.
+        next one and the phone sees no error; during its cooldown the failed
+        server is tried last (here: not at all, as the other answers), and
+        first again once the cooldown is over.
         """
+        clock = Clock()
         dead = f"http://127.0.0.1:{closed_port()}"
-        server = await Chatterd(self, ollama=[dead, self.b.url]).start()
-        s = await server.open("/llmchat", chat())
-        await s.done
-        self.assertEqual(read_as_phone(s.body).errors, [])
-        self.assertEqual(chats(self.b), 1)
-        self.assertIsNotNone(server.ollama.servers[0].failed_at)
-        s = await server.open("/llmchat", chat("again"))  # the failed one is now tried last
-        await s.done
-        self.assertEqual(read_as_phone(s.body).errors, [])
-        self.assertEqual(chats(self.b), 2)
+        server = await Chatterd(self, ollama=[dead, self.b.url], balancer={"clock": clock, "cooldown": 10}).start()
+        tried: list[str] = []
+        for s in server.ollama.servers:
+            s.client.post = partial(self._recorded, tried, s.url, s.client.post)  # type: ignore[method-assign]
+        # the model-list refresh at start finds the dead one down (at time 0) and learns b's models
+        await until(lambda: server.ollama.servers[0].failed_at == 0 and server.ollama.servers[1].models is not None)
+
+        async def chat_and_see(text: str) -> list[str]:
+            del tried[:]
+            s = await server.open("/llmchat", chat(text))
+            await s.done
+            self.assertEqual(read_as_phone(s.body).errors, [])
+            return list(tried)
+
+        clock.advance(11)  # its cooldown is over: the dead one is tried first again
+        self.assertEqual(await chat_and_see("one"), [dead, self.b.url])
+        self.assertEqual(server.ollama.servers[0].failed_at, 11)
+        clock.advance(9.5)  # still cooling
+        self.assertEqual(await chat_and_see("two"), [self.b.url])
+        clock.advance(0.5)  # 10 s after it failed
+        self.assertEqual(await chat_and_see("three"), [dead, self.b.url])
+        self.assertEqual(chats(self.b), 3)
+
+    @staticmethod
+    def _recorded(tried: list[str], url: str, post: Any, *args: Any) -> Any:
+        tried.append(url)
+        return post(*args)
 
     async def test_all_servers_down(self) -> None:
         """
