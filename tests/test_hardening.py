@@ -247,12 +247,17 @@ class OllamaTimeoutTests(HardeningTestCase):
 
     async def test_slow_model_loading_within_the_limit_is_fine(self) -> None:
         """
-        A first byte that comes late but in time is no error.
+        A first byte that comes late but in time is no error: every frame
+        is relayed, the last one done, and the whole reply stored.
         """
         self.emulator.models["loading"] = Behaviour(first_byte_delay=0.3)
         s = await self.server.open("/llmchat", chat(model="loading"))
         await s.done
-        self.assertEqual(read_as_phone(s.body).errors, [])
+        view = read_as_phone(s.body)
+        self.assertEqual(view.errors, [])
+        self.assertEqual([c["message"]["content"] for c in view.chunks], ["Hello", ",", " world", "!", ""])
+        self.assertEqual([c["done"] for c in view.chunks], [False] * 4 + [True])
+        self.assertEqual(self.server.rows(APP), [("user", "Hi", APP), ("assistant", "Hello, world!", APP)])
 
     async def test_llmprompt_timeout_before_answering(self) -> None:
         """
