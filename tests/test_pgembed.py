@@ -163,8 +163,11 @@ class EmbeddedPostgresTests(_ClusterMixin, SynchronousTestCase):
             t.start()
         for t in threads:
             t.join(60)
-        self.assertEqual(len({r.pid if isinstance(r, Running) else r for r in results}), 1,
-                         results)
+        self.assertEqual([t.is_alive() for t in threads], [False] * 4, "a start hung")
+        self.assertEqual(len(results), 4, results)
+        self.assertEqual([isinstance(r, Running) for r in results], [True] * 4, results)
+        self.assertEqual(len({r.pid for r in results if isinstance(r, Running)}), 1, results)
+        self.assertEqual(_query(pg.dsn(), "SELECT 1"), (1,))
 
     def test_stale_pidfile_with_live_unrelated_pid_is_cleared(self) -> None:
         """A postmaster.pid naming a live process that is not our server is removed on start."""
