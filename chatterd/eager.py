@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorSSL, IReactorTCP
+from twisted.internet.interfaces import IReactorSocket, IReactorSSL, IReactorTCP
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -102,6 +102,8 @@ class EagerPort(tcp.Port):
     """
 
     transport = EagerServer
+    #: Whether other processes accept on the same socket (then one connection per wake-up).
+    shared = False
 
     def __init__(self, port: int, factory: Any, backlog: int, interface: str, reactor: Any,
                  limit: ConnectionLimit | None = None) -> None:
@@ -110,8 +112,29 @@ class EagerPort(tcp.Port):
         super().__init__(port, factory, backlog, interface, reactor)
         self.limit = limit
 
+    @classmethod
+    def adopt(cls, reactor: Any, fd: int, family: int, factory: Any,
+              limit: ConnectionLimit | None = None) -> EagerPort:
+        """
+        A port on a listening socket that this process inherited (a worker's,
+        see :mod:`chatterd.workers`), as Twisted's ``adoptStreamPort`` makes
+        one, and listening.  It accepts one connection per wake-up, so that
+        a busy worker leaves the others more of them to take.
+        """
+        p = cls._fromListeningDescriptor(reactor, fd, family, factory)
+        if limit is not None:
+            p.factory, p.limit = AdmittingFactory(factory, limit), limit
+        p.shared = True
+        p.startListening()
+        return p
 
-@implementer(IReactorTCP, IReactorSSL)
+    def doRead(self) -> None:
+        if self.shared:
+            self.numberAccepts = 1  # Twisted raises it by 20 after each full batch
+        super().doRead()
+
+
+@implementer(IReactorTCP, IReactorSSL, IReactorSocket)
 class _EagerReactor:
     """
     Just enough of a reactor for Twisted's ``tcp:`` and ``ssl:`` server
@@ -134,6 +157,15 @@ class _EagerReactor:
         p = self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory), backlog, interface)
         p._type = "TLS"  # as the reactor's own listenSSL names it in logs
         return p
+
+    def adoptStreamPort(self, fileDescriptor: int, addressFamily: int, factory: Any) -> EagerPort:
+        return EagerPort.adopt(self._reactor, fileDescriptor, addressFamily, factory, self._limit)
+
+    def adoptStreamConnection(self, *args: Any) -> None:
+        self._reactor.adoptStreamConnection(*args)
+
+    def adoptDatagramPort(self, *args: Any) -> Any:
+        return self._reactor.adoptDatagramPort(*args)
 
     def connectTCP(
         self, host: str, port: int, factory: Any, timeout: float = 30.0, bindAddress: Any = None

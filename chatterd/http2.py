@@ -542,7 +542,10 @@ class ChatterH2Connection(H2Connection):
             stream.ended()
         super()._requestDone(streamID)
         if not self.streams and not self._closing:
-            self.setTimeout(self.idle_timeout)
+            if self._retiring:
+                self.retire()
+            else:
+                self.setTimeout(self.idle_timeout)
 
     def pauseProducing(self) -> None:
         """
@@ -632,6 +635,27 @@ class ChatterH2Connection(H2Connection):
         self._closing = True
         self.transport.abortConnection()
 
+    # --- going away gracefully (a worker retiring at a reload) ---
+
+    _retiring = False
+
+    def retire(self) -> None:
+        """
+        Go once no stream is open: ``GOAWAY(NO_ERROR)`` naming the last
+        stream, then close.  Streams that come meanwhile are served, and a
+        connection that has sent no request yet gets its first one served
+        (closing it now would refuse a request already on its way).
+
+        A GOAWAY sent while streams run would be RFC 9113's graceful way,
+        but some clients take any frame after a GOAWAY for a protocol error
+        (python-h2 does, and so does h2's server side here), which would cut
+        the very streams a reload must not cut.
+        """
+        self._retiring = True
+        if not self.streams and self.conn.highest_inbound_stream_id and not self._closing:
+            self.conn.close_connection(error_code=ErrorCodes.NO_ERROR)
+            self._close(None, ConnectionLost("retired"))
+
     def timeoutConnection(self) -> None:
         """
         Idle for ``idle_timeout``: GOAWAY, then close as for a flood (Twisted's
@@ -703,6 +727,16 @@ class ChannelProtocol(http._GenericHTTPChannelProtocol):
             self._switch_to_h2()
         super().dataReceived(data)
 
+    def connectionLost(self, reason: Failure) -> None:
+        self._site.connections.discard(self)
+        super().connectionLost(reason)
+
+    def retire(self) -> None:
+        """
+        Go once what the connection is doing is done (see ``ChatterSite.retire``).
+        """
+        self._channel.retire()
+
     def _switch_to_h2(self) -> None:
         old = self._channel
         producer = old._networkProducer
@@ -718,3 +752,5 @@ class ChannelProtocol(http._GenericHTTPChannelProtocol):
         channel.makeConnection(old.transport)
         producer.registerProducer(channel, True)
         self._negotiatedProtocol = b"h2"
+        if old._retiring:
+            channel.retire()

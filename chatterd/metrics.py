@@ -12,10 +12,28 @@ from __future__ import annotations
 
 from typing import Any
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.twisted import MetricsResource
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+
+from chatterd.logs import Logger
+
+log = Logger()
+
+#: Seconds between a worker's readings of its gauges.
+GAUGE_PERIOD = 1.0
+
+
+def multiprocess() -> bool:
+    """
+    Whether metrics go to prometheus_client's multiprocess files (a worker's).
+    """
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 #: Routes get their own label; anything else is "other" (no label per random path).
 ROUTES = frozenset(
@@ -30,6 +48,23 @@ def route_of(path: bytes) -> str:
     text = path.decode("ascii", "replace").split("?", 1)[0]
     text = text.rstrip("/") or "/"
     return text if text in ROUTES else "other"
+
+
+def site(registry: CollectorRegistry, extra: dict[bytes, Resource] | None = None) -> Site:
+    """
+    A site serving ``registry`` at ``/metrics`` (and at ``/``), and
+    ``extra`` resources (for operators' eyes only) beside them.
+    """
+    root = Resource()
+    resource = MetricsResource(registry=registry)
+    root.putChild(b"metrics", resource)
+    root.putChild(b"", resource)
+    for name, child in (extra or {}).items():
+        root.putChild(name, child)
+    served = Site(root)
+    served.noisy = False
+    served.log = lambda request: None  # type: ignore[method-assign]
+    return served
 
 
 class Metrics:
@@ -66,17 +101,39 @@ class Metrics:
             "Connections or streams refused because one client address held its share, by limit",
             ["limit"], registry=r,
         )
-        self.active_streams = Gauge("chatterd_active_streams", "Streams in progress", registry=r)
-        self.database_pool_in_use = Gauge("chatterd_database_pool_in_use", "Database connections in use", registry=r)
-        self.ollama_in_flight = Gauge("chatterd_ollama_in_flight", "Requests open to Ollama servers", registry=r)
+        # with workers, the parent's page adds up the live workers' gauges
+        live = {"multiprocess_mode": "livesum"}
+        self.active_streams = Gauge("chatterd_active_streams", "Streams in progress", registry=r, **live)
+        self.database_pool_in_use = Gauge(
+            "chatterd_database_pool_in_use", "Database connections in use", registry=r, **live)
+        self.ollama_in_flight = Gauge("chatterd_ollama_in_flight", "Requests open to Ollama servers", registry=r, **live)
+        self._reading: LoopingCall | None = None
 
-    def watch(self, *, streams: Any, store: Any, ollama: Any) -> None:
+    def watch(self, *, streams: Any, store: Any, ollama: Any, clock: IReactorTime | None = None) -> None:
         """
-        Read the gauges from their owners whenever metrics are scraped.
+        Read the gauges from their owners whenever metrics are scraped; in a
+        worker (prometheus_client's multiprocess mode, where the parent
+        scrapes files that the workers write), every :data:`GAUGE_PERIOD`
+        seconds instead.
         """
-        self.active_streams.set_function(lambda: streams.active)
-        self.database_pool_in_use.set_function(lambda: store.pool.in_use if store.running else 0)
-        self.ollama_in_flight.set_function(lambda: ollama.in_flight)
+        readings = [
+            (self.active_streams, lambda: streams.active),
+            (self.database_pool_in_use, lambda: store.pool.in_use if store.running else 0),
+            (self.ollama_in_flight, lambda: ollama.in_flight),
+        ]
+        if not multiprocess():
+            for gauge, read in readings:
+                gauge.set_function(read)
+            return
+
+        def read_all() -> None:
+            for gauge, read in readings:
+                gauge.set(read())
+
+        self._reading = LoopingCall(read_all)
+        if clock is not None:
+            self._reading.clock = clock
+        self._reading.start(GAUGE_PERIOD).addErrback(lambda f: log.failure("metrics: reading gauges failed", f))
 
     def database_error(self, kind: str) -> None:
         """
@@ -86,19 +143,9 @@ class Metrics:
 
     def site(self, extra: dict[bytes, Resource] | None = None) -> Site:
         """
-        A site serving the metrics at ``/metrics`` (and at ``/``), and
-        ``extra`` resources (for operators' eyes only) beside them.
+        A site serving these metrics (see :func:`site`).
         """
-        root = Resource()
-        resource = MetricsResource(registry=self.registry)
-        root.putChild(b"metrics", resource)
-        root.putChild(b"", resource)
-        for name, child in (extra or {}).items():
-            root.putChild(name, child)
-        site = Site(root)
-        site.noisy = False
-        site.log = lambda request: None  # type: ignore[method-assign]
-        return site
+        return site(self.registry, extra)
 
     def stream_ended(self, route: str, relay: Any) -> None:
         """

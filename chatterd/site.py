@@ -184,6 +184,31 @@ class ChatterChannel(http.HTTPChannel):
             self._deadline.cancel()
         self._deadline = None
 
+    # --- going away gracefully (a worker retiring at a reload) ---
+
+    _retiring = False
+    _answered = 0
+
+    def retire(self) -> None:
+        """
+        Close once nothing is in progress: now if the connection sits idle
+        between requests, else after the answer being made (no request is
+        cut).  A connection that has sent nothing yet gets its first answer
+        first: closing it now would refuse a request already on its way.
+        """
+        self._retiring = True
+        if self.requests:
+            self.persistent = False  # requestDone closes after this answer
+        elif self._answered:
+            self.transport.loseConnection()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        return bool(super().checkPersistence(request, version)) and not self._retiring
+
+    def requestDone(self, request: Any) -> None:
+        self._answered += 1
+        super().requestDone(request)
+
 
 class _BadPath(resource.Resource):
     """
@@ -235,6 +260,9 @@ class ChatterSite(server.Site):
         super().__init__(resource, timeout=idle_timeout, reactor=clock, parsePOSTFormSubmission=False)
         self.clock = clock
         self.metrics = metrics
+        #: open connections (their ``ChannelProtocol``), and whether they are asked to go
+        self.connections: set[Any] = set()
+        self.retiring = False
         self.max_body = max_body
         self.request_timeout = request_timeout
 
@@ -250,6 +278,24 @@ class ChatterSite(server.Site):
         except UnicodeDecodeError:
             return _BadPath()
         return super().getResourceFor(request)
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is not None:
+            self.connections.add(protocol)
+            if self.retiring:
+                protocol.retire()
+        return protocol
+
+    def retire(self) -> None:
+        """
+        Ask every connection to go once what it is doing is done (a worker
+        retiring at a reload, its listeners already closed): HTTP/1.1 after
+        its current answer, HTTP/2 with a graceful ``GOAWAY``.
+        """
+        self.retiring = True
+        for protocol in list(self.connections):
+            protocol.retire()
 
     def getContentFile(self, length: int | None) -> BoundedBody:
         return BoundedBody(self.max_body, length)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -99,11 +100,22 @@ def _limit(what: str) -> Any:
     return parse
 
 
-#: Connections one client address may hold at once: a lecture hall of phones
-#: behind one campus NAT address holds one or two each (HTTP/2 multiplexes
-#: every request on one), so 256 is far above normal use and still caps what
-#: one address can take (a TLS connection holds some 50-100 kB).
-DEFAULT_MAX_CLIENT_CONNECTIONS = 256
+def _workers(value: str) -> int:
+    """
+    ``--workers``: a positive count, or ``auto`` for one per CPU.
+    """
+    if value == "auto":
+        return os.cpu_count() or 1
+    return int(_positive(int, "workers")(value))
+
+
+#: Connections one client address may hold at once.  A lecture hall of 300
+#: phones behind one campus NAT address holds one or two each (HTTP/2
+#: multiplexes every request on one), so up to about 600; 1024 leaves room
+#: above that.  A TLS connection holds some 50-100 kB, so 1024 bounds what one
+#: address can take to about 100 MB, far below what the process can hold (and
+#: within the unit's LimitNOFILE=65536 with every stream's two descriptors).
+DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 
 
 class Options(usage.Options):
@@ -166,6 +178,13 @@ class Options(usage.Options):
         ["tags-refresh", None, 60.0, "Seconds between refreshes of each Ollama server's model list.",
          _positive(float, "tags-refresh")],
         ["log-format", None, "text", "Log lines as text or json (one object per line)."],
+        ["workers", None, 1,
+         "Worker processes serving the listeners, or 'auto' for one per CPU; with more than one, "
+         "a small parent supervises them and SIGHUP reloads without dropping anything.",
+         _workers],
+        ["reload-grace", None, 600.0,
+         "With --workers: seconds the old workers of a reload (SIGHUP) get to finish their streams.",
+         _positive(float, "reload-grace")],
     ]
 
     optFlags = [
@@ -206,7 +225,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--listen: not an endpoint description: {description!r}")
         if not self["ollama"]:
             self["ollama"] = [ollama_url(os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)]
-        if self["max-client-streams"] is None:
+        self.client_streams_derived = self["max-client-streams"] is None
+        if self.client_streams_derived:
             # one address may hold a quarter: a class behind one NAT still
             # fits, and three other addresses still find room
             self["max-client-streams"] = max(1, self["max-streams"] // 4)
@@ -273,12 +293,20 @@ class _Announce(Service):
             log.info(fmt, **fields)
 
 
-def makeService(options: Options, reactor: Any = None) -> IService:
+def makeService(options: Options, reactor: Any = None,
+                inherited: dict[str, tuple[int, int]] | None = None) -> IService:
     """
     Build chatterd's service tree from parsed :class:`Options`.
 
     This is the only place that reads configuration or touches the global
     reactor; everything below gets its reactor, store and client passed in.
+    With ``--workers`` over 1 the tree is the workers' parent (see
+    :mod:`chatterd.workers`): the database and the listening sockets, and
+    no request work.
+
+    :param inherited: in a worker (see :mod:`chatterd.worker`), the
+        listening sockets its parent bound, by ``--listen`` description, as
+        ``(descriptor, address family)``.
     """
     if reactor is None:
         from twisted.internet import reactor
@@ -306,6 +334,46 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         dsn = embedded.get_dsn
         announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
 
+    cert_path, key_path = _certificate(options, announce)
+    if options["workers"] > 1:
+        _supervise(options, reactor, parent, dsn, announce)
+    else:
+        _serve(options, reactor, parent, dsn, (cert_path, key_path), announce, inherited)
+    if options["log-content"]:
+        announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))
+    if inherited is None:  # a worker's parent has said it all
+        _Announce(announce).setServiceParent(parent)
+    return top
+
+
+def _certificate(options: Options, announce: list[tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:
+    """
+    The certificate and key of ``ssl:`` listeners that name none, made if missing.
+    """
+    cert_path = Path(options["certs"]) / tls.CERT_FILE
+    key_path = Path(options["certs"]) / tls.KEY_FILE
+    if any(_needs_generated_certificate(d) for d in options["listen"]):
+        cert_path, key_path, made = tls.ensure_certificate(options["certs"], options["cert-name"])
+        cert = tls.load_certificate(cert_path)
+        announce.append((
+            "certificate {state}: {path} (SHA-256 {fingerprint}); valid until {until}; "
+            "names: {names}",
+            {
+                "state": "generated" if made else "in use",
+                "path": str(cert_path.resolve()),
+                "fingerprint": tls.fingerprint(cert),
+                "until": f"{cert.not_valid_after_utc:%Y-%m-%d}",
+                "names": ", ".join(tls.certificate_names(cert)),
+            },
+        ))
+    return cert_path, key_path
+
+
+def _serve(options: Options, reactor: Any, parent: MultiService, dsn: Any, certificate: tuple[Path, Path],
+           announce: list[tuple[str, dict[str, Any]]], inherited: dict[str, tuple[int, int]] | None) -> None:
+    """
+    The services that answer requests, under ``parent`` in start order.
+    """
     metrics = Metrics()
     store = PostgresChattStore(
         dsn,
@@ -327,23 +395,6 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     )
     ollama.setServiceParent(parent)
     announce.append(("Ollama: {urls}", {"urls": ", ".join(options["ollama"])}))
-
-    cert_path = Path(options["certs"]) / tls.CERT_FILE
-    key_path = Path(options["certs"]) / tls.KEY_FILE
-    if any(_needs_generated_certificate(d) for d in options["listen"]):
-        cert_path, key_path, made = tls.ensure_certificate(options["certs"], options["cert-name"])
-        cert = tls.load_certificate(cert_path)
-        announce.append((
-            "certificate {state}: {path} (SHA-256 {fingerprint}); valid until {until}; "
-            "names: {names}",
-            {
-                "state": "generated" if made else "in use",
-                "path": str(cert_path.resolve()),
-                "fingerprint": tls.fingerprint(cert),
-                "until": f"{cert.not_valid_after_utc:%Y-%m-%d}",
-                "names": ", ".join(tls.certificate_names(cert)),
-            },
-        ))
 
     streams = Streams(
         clock=reactor,
@@ -376,14 +427,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         idle_timeout=options["idle-timeout"],
         metrics=metrics,
     )
-    metrics.watch(streams=streams, store=store, ollama=ollama)
+    metrics.watch(streams=streams, store=store, ollama=ollama, clock=reactor)
     connections = ConnectionLimit(
         options["max-client-connections"], reactor,
         on_refused=metrics.client_limit_refusals.labels("connections").inc,
     )
     for description in options["listen"]:
         try:
-            endpoint = tls.server_endpoint(reactor, description, cert_path, key_path, connections)
+            endpoint = tls.server_endpoint(reactor, description, *certificate, connections,
+                                           inherited=(inherited or {}).get(description))
         except (ValueError, OSError) as e:
             raise usage.UsageError(f"--listen {description}: {e}") from None
         listener = StreamServerEndpointService(endpoint, site)
@@ -392,14 +444,38 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         announce.append(("listening on {listen}", {"listen": description}))
     if options["metrics"]:
         endpoint = endpoints.serverFromString(reactor, options["metrics"])
-        site = metrics.site({b"readyz": ReadinessResource(app)})
-        StreamServerEndpointService(endpoint, site).setServiceParent(parent)
+        metrics_site = metrics.site({b"readyz": ReadinessResource(app)})
+        StreamServerEndpointService(endpoint, metrics_site).setServiceParent(parent)
         announce.append(("metrics on {listen}", {"listen": options["metrics"]}))
-    if options["log-content"]:
-        announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))
 
-    _Announce(announce).setServiceParent(parent)
-    return top
+
+def _supervise(options: Options, reactor: Any, parent: MultiService, dsn: Any,
+               announce: list[tuple[str, dict[str, Any]]]) -> None:
+    """
+    The workers' parent: it binds the listeners and hands them to
+    ``--workers`` processes that serve them, and serves the metrics of all.
+    """
+    from chatterd.workers import Supervisor, log_destination, metrics_site, worker_options
+
+    metrics_dir = tempfile.mkdtemp(prefix="chatterd-metrics-") if options["metrics"] else None
+    supervisor = Supervisor(
+        count=options["workers"],
+        options=worker_options(options),
+        dsn=dsn,
+        listen=options["listen"],
+        reactor=reactor,
+        grace=options["grace"],
+        reload_grace=options["reload-grace"],
+        metrics_dir=metrics_dir,
+        log=log_destination(options),
+    )
+    supervisor.setServiceParent(parent)
+    for description in options["listen"]:
+        announce.append(("listening on {listen} ({n} workers)", {"listen": description, "n": options["workers"]}))
+    if metrics_dir is not None:
+        endpoint = endpoints.serverFromString(reactor, options["metrics"])
+        StreamServerEndpointService(endpoint, metrics_site(metrics_dir)).setServiceParent(parent)
+        announce.append(("metrics of every worker on {listen}", {"listen": options["metrics"]}))
 
 
 #: ``chatterd.tac``'s environment variables and the options they stand for.
@@ -412,6 +488,7 @@ ENVIRONMENT = {
     "CHATTERD_MAX_BODY": "--max-body",
     "CHATTERD_METRICS": "--metrics",
     "CHATTERD_LOG_FORMAT": "--log-format",
+    "CHATTERD_WORKERS": "--workers",
 }
 
 

@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet import endpoints, interfaces, ssl
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
 
 from chatterd.clients import ConnectionLimit
 from chatterd.eager import eager_reactor
@@ -405,8 +407,24 @@ _SSL_KEYS = ("port", "privateKey", "certKey")
 DEFAULT_BACKLOG = 1024
 
 
+@implementer(interfaces.IStreamServerEndpoint)
+class _TLSServerEndpoint:
+    """
+    TLS over another server endpoint (an inherited socket's, say): Twisted
+    wraps clients' endpoints (``wrapClientTLS``) but not servers'.
+    """
+
+    def __init__(self, endpoint: interfaces.IStreamServerEndpoint, options: ssl.CertificateOptions) -> None:
+        self._endpoint = endpoint
+        self._options = options
+
+    def listen(self, factory: Any) -> Any:
+        return self._endpoint.listen(TLSMemoryBIOFactory(self._options, False, factory))
+
+
 def server_endpoint(
-    reactor: object, description: str, cert_path: Path, key_path: Path, limit: ConnectionLimit | None = None
+    reactor: object, description: str, cert_path: Path, key_path: Path, limit: ConnectionLimit | None = None,
+    inherited: tuple[int, int] | None = None,
 ) -> interfaces.IStreamServerEndpoint:
     """
     The listening endpoint for one ``--listen`` description.
@@ -417,8 +435,18 @@ def server_endpoint(
     ``tcp:`` and ``ssl:`` listen with :class:`chatterd.eager.EagerPort`, and
     with a backlog of :data:`DEFAULT_BACKLOG` unless the description gives one;
     they refuse at accept the connections that ``limit`` has no room for.
+
+    :param inherited: a worker's listening socket for this description,
+        bound by its parent (``(descriptor, address family)``): the endpoint
+        then takes it up with Twisted's ``adoptStreamPort`` instead of binding.
     """
     args, kwargs = parse_description(description)
+    if inherited is not None:
+        if args[0] not in ("tcp", "ssl"):
+            raise ValueError(f"only tcp: and ssl: listeners can be shared by workers, not {args[0]}:")
+        adopted = endpoints.AdoptedStreamServerEndpoint(eager_reactor(reactor, limit), *inherited)
+        if args[0] == "tcp":
+            return adopted
     if args[0] != "ssl":
         if args[0] == "tcp":
             reactor = eager_reactor(reactor, limit)
@@ -440,6 +468,8 @@ def server_endpoint(
         key_path = Path(kwargs["privateKey"])
         cert_path = Path(kwargs.get("certKey", kwargs["privateKey"]))
     options = certificate_options(cert_path, key_path, kwargs.get("extraCertChain"))
+    if inherited is not None:
+        return _TLSServerEndpoint(adopted, options)
     return endpoints.SSL4ServerEndpoint(
         eager_reactor(reactor, limit),
         int(kwargs["port"]),

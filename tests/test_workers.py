@@ -1,0 +1,314 @@
+"""
+``twistd -n chatterd --workers 2`` for real, over TLS: both workers serve,
+a killed worker is replaced, SIGTERM drains every worker, SIGHUP reloads
+under load refusing nothing and cutting no stream, metrics add up, and an
+appID's turns are ordered across workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import treq
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from chatterd import workers
+from tests import pgcluster, tlsclient
+from tests.harness import query
+from tests.ollama_emulator import Behaviour, start_emulator
+from tests.phone import read_as_phone
+from tests.test_service import Daemon, free_port
+
+SERVING = re.compile(r"worker (\d+) \(pid (\d+), generation (\d+)\) serving")
+
+
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60.0) -> None:
+    """
+    Poll ``condition`` (in a thread: it may block) until it holds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def sockets_to(port: int) -> set[int]:
+    """
+    The inodes of this machine's established TCP connections to ``port``.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote, state, inode = fields[2], fields[3], fields[9]
+            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(inode))
+    return inodes
+
+
+def holds_connection_to(pid: int, port: int) -> bool:
+    """
+    Whether process ``pid`` has an established TCP connection to ``port``.
+    """
+    wanted = sockets_to(port)
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and int(target[8:-1]) in wanted:
+            return True
+    return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def chat(appid: str, model: str, content: str = "Hi") -> bytes:
+    return json.dumps({"appID": appid, "model": model, "messages": [{"role": "user", "content": content}]}).encode()
+
+
+class WorkerTests(TestCase):
+    timeout = 240
+
+    async def start(self, *extra: str) -> Daemon:
+        self.emulator = await start_emulator(self)
+        self.port = free_port()
+        self.certs = Path(self.mktemp()).resolve()
+        self.dsn = pgcluster.fresh_database()
+        listen = f"ssl:{self.port}:interface=127.0.0.1"
+        daemon = Daemon(self, ["chatterd", "--listen", listen, "--certs", str(self.certs), "--database", self.dsn,
+                               "--ollama", self.emulator.url, "--workers", "2", *extra])
+        self.cafile = str(self.certs / "chatterd.crt")
+        await deferToThread(wait_for, lambda: len(self.serving(daemon)) >= 2 or daemon.process.poll() is not None,
+                            "two workers serving")
+        self.assertEqual(sorted(self.serving(daemon)), [1, 2], daemon.output())
+        return daemon
+
+    @staticmethod
+    def serving(daemon: Daemon, generation: int = 1) -> dict[int, int]:
+        """
+        Worker number -> pid, of the workers of ``generation`` that said they serve.
+        """
+        return {int(n): int(pid) for n, pid, g in SERVING.findall(daemon.output()) if int(g) == generation}
+
+    def h2(self, path: str, **kwargs: Any) -> Deferred[tlsclient.Reply]:
+        return deferToThread(tlsclient.h2_request, "127.0.0.1", self.port, path, self.cafile, **kwargs)
+
+    def served_by(self, daemon: Daemon, route: str) -> set[int]:
+        """
+        The workers whose access log shows ``route`` answered 200.
+        """
+        return {int(n) for n in re.findall(rf"\[worker (\d+) chatterd\.site#info\] \S+ {re.escape(route)} 200",
+                                          daemon.output())}
+
+    async def test_both_workers_serve_and_metrics_add_up(self) -> None:
+        """
+        Connections spread over both workers; the parent's metrics page adds
+        up what each counted; every log line names its worker.
+        """
+        metrics = free_port()
+        daemon = await self.start("--metrics", f"tcp:{metrics}:interface=127.0.0.1")
+        self.emulator.models["paced"] = Behaviour(delay=0.05)
+        replies = await gatherResults([self.h2("/llmchat", method="POST", body=chat(f"app{i}", "paced"))
+                                       for i in range(16)])
+        self.assertEqual([r.status for r in replies], [200] * 16)
+        self.assertEqual({read_as_phone(r.body).bubble for r in replies}, {"Hello, world!"})
+        self.assertEqual(self.served_by(daemon, "/llmchat"), {1, 2}, daemon.output())
+
+        # gauges are read every second in a worker: wait for the streams' end to show
+        async def page() -> str:
+            response = await treq.get(f"http://127.0.0.1:{metrics}/metrics", persistent=False)
+            return (await treq.content(response)).decode()
+
+        text = await page()
+        self.assertIn('chatterd_requests_total{route="/llmchat",status="200"} 16.0', text)
+        self.assertIn("chatterd_frames_relayed_total 80.0", text)  # 16 streams x (4 chunks + done)
+        await deferToThread(time.sleep, 1.5)
+        self.assertIn("chatterd_active_streams 0.0", await page())
+        for line in daemon.output().splitlines():
+            if "chatterd.site#info" in line:
+                self.assertRegex(line, r"\[worker [12] chatterd\.site#info\]")
+
+    async def test_a_killed_worker_is_replaced_while_the_other_streams(self) -> None:
+        """
+        SIGKILL one worker while the other streams: the stream carries on to
+        its end, and the parent starts another worker in the dead one's place.
+        """
+        daemon = await self.start()
+        pids = self.serving(daemon)
+        self.emulator.models["slow"] = Behaviour(reply=[f"{i} " for i in range(12)], delay=0.15)
+        reply = self.h2("/llmchat", method="POST", body=chat("app", "slow"))
+        emulator_port = int(self.emulator.url.rsplit(":", 1)[1])
+        await deferToThread(wait_for, lambda: any(holds_connection_to(p, emulator_port) for p in pids.values()),
+                            "a worker streaming")
+        streaming = next(n for n, p in pids.items() if holds_connection_to(p, emulator_port))
+        other = 3 - streaming
+        os.kill(pids[other], signal.SIGKILL)
+        reply = await reply
+        view = read_as_phone(reply.body)
+        self.assertEqual((reply.status, view.errors), (200, []))
+        self.assertEqual(view.bubble, "".join(f"{i} " for i in range(12)))
+        await deferToThread(wait_for, lambda: f"worker {other} (pid" in daemon.output().split("starting another")[-1],
+                            "a new worker")
+        output = daemon.output()
+        self.assertIn(f"worker {other} (pid {pids[other]}) was killed by signal 9 (SIGKILL)", output)
+        replacement = [int(p) for n, p, g in SERVING.findall(output) if int(n) == other][-1]
+        self.assertNotEqual(replacement, pids[other])
+        self.assertTrue(alive(pids[streaming]))
+        self.assertEqual((await self.h2("/healthz")).status, 200)
+
+    async def test_sigterm_drains_every_worker(self) -> None:
+        """
+        SIGTERM to the parent: each worker gives its running streams their
+        grace; they end normally, their replies are stored, and all exit.
+        """
+        daemon = await self.start()
+        pids = self.serving(daemon)
+        self.emulator.models["slow"] = Behaviour(reply=[f"{i} " for i in range(8)], delay=0.15)
+        emulator_port = int(self.emulator.url.rsplit(":", 1)[1])
+        replies = [self.h2("/llmchat", method="POST", body=chat(f"app{i}", "slow")) for i in range(8)]
+        await deferToThread(wait_for, lambda: len(self.emulator.requests) == 8, "eight streams")
+        busy = {n for n, p in pids.items() if holds_connection_to(p, emulator_port)}
+        self.assertEqual(busy, {1, 2}, "the streams did not spread over both workers")
+        daemon.process.send_signal(signal.SIGTERM)
+        for reply in await gatherResults(replies):
+            view = read_as_phone(reply.body)
+            self.assertEqual((reply.status, view.errors), (200, []))
+            self.assertEqual(view.bubble, "".join(f"{i} " for i in range(8)))
+        self.assertEqual(await deferToThread(daemon.process.wait, 60), -signal.SIGTERM, daemon.output())
+        for i in range(8):
+            self.assertEqual(query(self.dsn, "SELECT username FROM chatts WHERE appid = %s ORDER BY seq", (f"app{i}",)),
+                             [("user",), ("assistant",)])
+        self.assertFalse([p for p in pids.values() if alive(p)])
+
+    async def test_sighup_under_load_refuses_nothing_and_cuts_no_stream(self) -> None:
+        """
+        SIGHUP while streams run and new requests keep coming: a new
+        generation takes over, the old one finishes its streams and exits;
+        no request fails, no connection is refused, no stream is cut.
+        """
+        daemon = await self.start()
+        old = self.serving(daemon)
+        self.emulator.models["long"] = Behaviour(reply=[f"{i} " for i in range(40)], delay=0.1)
+        streams = [self.h2("/llmchat", method="POST", body=chat(f"long{i}", "long")) for i in range(6)]
+        await deferToThread(wait_for, lambda: len(self.emulator.requests) == 6, "six streams")
+
+        failures: list[str] = []
+        answered = [0]
+        stop = threading.Event()
+
+        def load(kind: str) -> None:
+            while not stop.is_set():
+                try:
+                    if kind == "h2":
+                        reply = tlsclient.h2_request("127.0.0.1", self.port, "/getchatts", self.cafile)
+                    else:
+                        reply = tlsclient.https_request("127.0.0.1", self.port, "/postchatt", self.cafile,
+                                                        method="POST", body=json.dumps({"username": "u", "message": "m"}))
+                    if reply.status != 200:
+                        failures.append(f"{kind}: {reply.status} {reply.body[:200]!r}")
+                    answered[0] += 1
+                except Exception as e:  # a refused or cut connection
+                    failures.append(f"{kind}: {e!r}")
+
+        threads = [threading.Thread(target=load, args=(kind,)) for kind in ("h2", "h2", "http/1.1", "http/1.1")]
+        for t in threads:
+            t.start()
+        try:
+            await deferToThread(time.sleep, 0.5)
+            daemon.process.send_signal(signal.SIGHUP)
+            await deferToThread(wait_for, lambda: len(self.serving(daemon, 2)) == 2, "the new generation")
+            await deferToThread(time.sleep, 0.5)
+            before = answered[0]
+            await deferToThread(time.sleep, 0.5)
+            self.assertGreater(answered[0], before, "nothing answered after the reload")
+        finally:
+            stop.set()
+            for t in threads:
+                await deferToThread(t.join, 30)
+        self.assertEqual(failures, [])
+        for reply in await gatherResults(streams):
+            view = read_as_phone(reply.body)
+            self.assertEqual((reply.status, view.errors), (200, []))
+            self.assertEqual(view.bubble, "".join(f"{i} " for i in range(40)))
+        await deferToThread(wait_for, lambda: not [p for p in old.values() if alive(p)], "the old workers to exit")
+        output = daemon.output()
+        waited = [int(n) for n in re.findall(r"retiring: no new connections; waiting up to \S+ s for (\d+)", output)]
+        self.assertEqual(len(waited), 2, output)
+        self.assertGreaterEqual(sum(waited), 6, "the streams had ended before the old workers retired")
+        self.assertEqual(output.count("of generation 1"), 2, output)
+        self.assertNotIn("still open after the reload grace", output)
+        new = self.serving(daemon, 2)
+        self.assertFalse(set(new.values()) & set(old.values()))
+        self.assertEqual(query(self.dsn, "SELECT count(*) FROM chatts WHERE username = 'u'"),
+                         [(sum(1 for line in output.splitlines() if "POST /postchatt 200" in line),)])
+
+    async def test_an_appids_turns_are_ordered_across_workers(self) -> None:
+        """
+        Overlapping requests of one appID, spread over both workers, take
+        turns: each sees the whole conversation before it, replies included.
+        """
+        daemon = await self.start()
+        self.emulator.models["paced"] = Behaviour(delay=0.05)
+        replies = await gatherResults([self.h2("/llmchat", method="POST", body=chat("shared", "paced", f"q{i}"))
+                                       for i in range(8)])
+        self.assertEqual([r.status for r in replies], [200] * 8)
+        self.assertEqual(self.served_by(daemon, "/llmchat"), {1, 2}, daemon.output())
+        rows = query(self.dsn, "SELECT username, message FROM chatts WHERE appid = 'shared' ORDER BY seq")
+        self.assertEqual([r[0] for r in rows], ["user", "assistant"] * 8)
+        sent = sorted((r.json["messages"] for r in self.emulator.requests), key=len)
+        self.assertEqual([len(m) for m in sent], list(range(1, 17, 2)))
+        for earlier, later in zip(sent, sent[1:]):
+            self.assertEqual(later[: len(earlier)], earlier)  # the history grows, never reorders
+            self.assertEqual(later[len(earlier)]["role"], "assistant")
+
+
+class WorkerOptionTests(TestCase):
+    """
+    What each worker is told.
+    """
+
+    def test_max_streams_is_split_and_the_client_share_follows(self) -> None:
+        from chatterd.tap import Options
+
+        options = Options()
+        options.parseOptions(["--workers", "3", "--max-streams", "1000", "--metrics", "tcp:9100"])
+        mine = workers.worker_options(options)
+        self.assertEqual((mine["workers"], mine["max-streams"], mine["max-client-streams"], mine["metrics"]),
+                         (1, 334, 83, None))
+        options = Options()
+        options.parseOptions(["--workers", "2", "--max-client-streams", "7"])
+        self.assertEqual(workers.worker_options(options)["max-client-streams"], 7)
+
+    def test_auto_is_one_per_cpu(self) -> None:
+        from chatterd.tap import Options
+
+        options = Options()
+        options.parseOptions(["--workers", "auto"])
+        self.assertEqual(options["workers"], os.cpu_count())
