@@ -8,6 +8,7 @@ the end whatever happens.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -97,6 +98,18 @@ class Emulator:
         self.child.stop()
 
 
+def workers_in(args: tuple[str, ...] | list[str]) -> int:
+    """
+    The worker processes that chatterd's options ask for (``--workers N``).
+    """
+    args = list(args)
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--workers=") else args[i + 1] if arg == "--workers" else None
+        if value is not None:
+            return (os.cpu_count() or 1) if value == "auto" else int(value)
+    return 1
+
+
 class Chatterd:
     """
     chatterd under ``twistd --nodaemon`` with a plain and a TLS listener on
@@ -117,10 +130,20 @@ class Chatterd:
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--listen", f"ssl:{self.ssl_port}:interface=127.0.0.1",
                 "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url, *variant.args]
-        self.child = procs.Child(name, argv, self.log, cpus=env.server_cpus,
+        self.workers = workers_in(variant.args)
+        # one process stays on the server cores; worker processes may use
+        # every core (on 2 cores they share the load's, which a 15 ms cadence
+        # leaves mostly free)
+        cpus = env.server_cpus if self.workers == 1 else None
+        self.child = procs.Child(name, argv, self.log, cpus=cpus,
                                  env=procs.python_env(str(variant.src)), cwd=str(env.work))
         self.pid = self.child.pid
         self.child.wait_for("listening on ssl", 60)
+        deadline = time.monotonic() + 60
+        while self.workers > 1 and len(re.findall(r"generation 1\) serving", self.child.wait_for("", 60))) < self.workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name}: its {self.workers} workers did not all start")
+            time.sleep(0.05)
         if wait_for_schema:
             self.child.wait_for("database schema ready", 60)
         self.spy: procs.Child | None = None
@@ -253,7 +276,7 @@ class Env:
     def load(self, spec: Spec, *, direct: bool, chatterd: Chatterd | None = None) -> dict[str, Any]:
         """Run the load generator once on the load cores and return its result."""
         server = chatterd or self.chatterd
-        spec.server_pids = [self.emulator.pid] if direct else [server.pid]
+        spec.server_pids = [self.emulator.pid] if direct else [server.pid, *procs.children(server.pid)]
         spec.load_pids = [] if direct else [self.emulator.pid]
         limit = spec.timeout_s + spec.ramp_s + 60
         out = procs.run_json(
