@@ -397,6 +397,38 @@ def error_summary(error: psycopg2.Error) -> str:
     return ", ".join(parts)
 
 
+def with_keepalives(dsn: str, seconds: float, connect: float = 0.0, libpq_version: int | None = None) -> str:
+    """
+    ``dsn`` with TCP keepalives and ``tcp_user_timeout`` sized so that the
+    kernel declares a database host that stopped answering dead after about
+    ``seconds`` (``--db-wait``), not after its own TCP timeouts (two hours
+    idle, some 15 minutes with data unacknowledged).  Then the socket
+    fails, libpq reports the connection lost and it is reopened.  Each
+    option the DSN sets itself is kept.  (libpq ignores them for unix
+    sockets; ``tcp_user_timeout`` needs libpq 12.)
+
+    Idle: first probe after half of ``seconds``, then three probes a sixth
+    apart (libpq takes whole seconds, at least 1).  Data sent and not
+    acknowledged: ``seconds``, but no less than ``connect``, a connection
+    attempt's own timeout (the kernel applies it to a SYN's retries too).
+    """
+    version = psycopg2.extensions.libpq_version() if libpq_version is None else libpq_version
+    try:
+        given = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        return dsn  # libpq will say what is wrong with it
+    wanted = {
+        "keepalives": "1",
+        "keepalives_idle": str(max(1, round(seconds / 2))),
+        "keepalives_interval": str(max(1, round(seconds / 6))),
+        "keepalives_count": "3",
+    }
+    if version >= 120000:
+        wanted["tcp_user_timeout"] = str(max(1, round(max(seconds, connect) * 1000)))
+    extra = {k: v for k, v in wanted.items() if k not in given}
+    return psycopg2.extensions.make_dsn(dsn, **extra) if extra else dsn
+
+
 def _dsn_connect_timeout(dsn: str) -> float | None:
     """
     The DSN's ``connect_timeout`` in seconds (libpq: at least 2), if it sets one.
@@ -474,6 +506,14 @@ class ConnectTimeout(psycopg2.OperationalError):
     A connection attempt took longer than its timeout and was abandoned.
     (An ``OperationalError`` with no SQLSTATE, as libpq's own failures to
     connect are: the connection's detector then keeps retrying.)
+    """
+
+
+class NoAnswer(psycopg2.OperationalError):
+    """
+    A statement had no answer in time; its connection is taken for lost.
+    (An ``OperationalError`` with no SQLSTATE, as libpq's own "server closed
+    the connection unexpectedly": the death checker reopens the connection.)
     """
 
 
@@ -821,6 +861,11 @@ class PostgresChattStore(Service):
     :param connect_timeout: seconds one attempt to connect may take before it
         is abandoned (and tried again later) [default: the DSN's
         ``connect_timeout``, else ``acquire_timeout``].
+    :param answer_timeout: seconds a statement sent may go without an
+        answer; then its connection is taken for lost (closed and reopened,
+        its appID locks gone with it) and the call fails with
+        :class:`StoreUnavailable` [default: ``acquire_timeout``].  The TCP
+        keepalives the DSN gets (:func:`with_keepalives`) are sized from it too.
     :param resolver: resolves the DSN's host names [default: the reactor's].
     :param max_history: the most bytes of history :meth:`begin_turn` returns
         (``--max-history``; see :data:`BEGIN_TURN_FUNCTION`).
@@ -838,6 +883,7 @@ class PostgresChattStore(Service):
         pool_size: int = 4,
         acquire_timeout: float = 10.0,
         connect_timeout: float | None = None,
+        answer_timeout: float | None = None,
         resolver: IHostnameResolver | None = None,
         max_history: int = DEFAULT_MAX_HISTORY,
         on_error: Callable[[str], object] = lambda kind: None,
@@ -848,6 +894,7 @@ class PostgresChattStore(Service):
         self._pool_size = pool_size
         self._acquire_timeout = acquire_timeout
         self._connect_timeout = connect_timeout
+        self._answer_timeout = acquire_timeout if answer_timeout is None else answer_timeout
         self._resolver = resolver if resolver is not None else getattr(reactor, "nameResolver", None)
         self._max_history = max_history
         self._pool: ConnectionPool | None = None
@@ -865,6 +912,7 @@ class PostgresChattStore(Service):
             "connect_timeout": self._connect_timeout or _dsn_connect_timeout(dsn) or self._acquire_timeout,
             "resolver": self._resolver,
         }
+        dsn = with_keepalives(dsn, self._answer_timeout, connecting["connect_timeout"])
         self._pool = ConnectionPool(dsn, self._pool_size, self._reactor, self._acquire_timeout, **connecting)
         # appID locks live on connections of their own: they are held for a
         # whole stream, which must not take a pool connection out of service.
@@ -929,7 +977,7 @@ class PostgresChattStore(Service):
     ) -> Any:
         async def body(c: txpostgres.Connection) -> Any:
             await self._with_schema(c)
-            return await getattr(c, method)(sql, params)
+            return await self._answered(c, getattr(c, method)(sql, params))
 
         if self.started is not None and not self.started.called:
             # requests that come while connecting wait for it, as long as for a connection
@@ -952,6 +1000,38 @@ class PostgresChattStore(Service):
             raise StoreUnavailable("the database is unavailable, try again shortly") from e
         except Exception as e:
             raise self._failed(e) from e
+
+    def _answered(self, c: txpostgres.Connection, d: Deferred[T]) -> Deferred[T]:
+        """
+        ``d``, a statement running on ``c``, or :class:`NoAnswer` if it has
+        no answer within ``answer_timeout``: a database host that stops
+        answering (packets dropped, a dead peer that never resets the
+        connection) would otherwise hold the call until the kernel gives up
+        on the socket.  ``c`` is then taken for lost by its death checker,
+        which closes it (failing ``d``) and opens it anew.
+
+        (The schema is not bounded so: it may take long on a large course
+        table, and runs once.)
+        """
+        seconds = self._answer_timeout
+
+        def lost() -> None:
+            log.warn("database: no answer to a statement within {seconds:g} s; "
+                     "taking its connection for lost and reopening it", seconds=seconds)
+            answer.errback(NoAnswer(f"no answer from the database within {seconds:g} s"))
+            c.detector.checkForDeadConnection(Failure(NoAnswer("no answer")))
+
+        answer: Deferred[T] = Deferred()
+        timer = self._reactor.callLater(seconds, lost)
+
+        def done(result: Any) -> None:
+            if timer.active():
+                timer.cancel()
+            if not answer.called:
+                answer.callback(result)
+
+        d.addBoth(done)
+        return answer
 
     def _failed(self, error: Exception) -> StoreError:
         """

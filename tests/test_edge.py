@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import hpack
+from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
@@ -733,6 +734,56 @@ class OutputTests(_EdgeCase):
         self.assertLess(len(received.ended), 10, what)
         self.assertLess(memory.growth, MEMORY_BOUND, what)
         await self.assert_served()
+
+
+class CancelTests(_EdgeCase):
+    """
+    What must keep holding: a phone's RST_STREAM reaches the relay.
+    """
+
+    async def test_reset_cancels_ollama_at_once(self) -> None:
+        """
+        RST_STREAM(CANCEL) on a /llmchat stream Ollama is still answering:
+        chatterd closes its request to Ollama at once and stores the partial
+        reply; the connection carries on.
+        """
+        emulator = await start_emulator(self)
+        emulator.models["stall"] = Behaviour(reply=["Half", " a", " reply"], stall_after=2)
+        appid = f"cancel-{uuid.uuid4().hex[:8]}"
+        c = await deferToThread(self.attacker)
+        self.addCleanup(c.close)
+        sid = await deferToThread(post, c, "/llmchat", chat_body(appid, "stall"))
+        record = await emulator.when_stalled()
+        seen = await deferToThread(c.read_until, lambda: b'" a"' in c.received.body(sid), PROMPTLY)
+        self.assertTrue(seen, f"the first frames never came: {c.received.summary()}")
+
+        await deferToThread(c.send, rst_stream(sid, ErrorCodes.CANCEL))
+        ended = record.ended()
+        ended.addTimeout(PROMPTLY, reactor)
+        try:
+            outcome = await ended
+        except defer.TimeoutError:
+            self.fail(f"Ollama's request was still open {PROMPTLY:g} s after the phone's RST_STREAM")
+        self.assertEqual(outcome, "client_left")
+
+        def stored() -> list[tuple[Any, ...]]:
+            deadline = time.monotonic() + PROMPTLY
+            while True:
+                rows = query(self.srv.dsn, "SELECT username, message FROM chatts WHERE appid = %s ORDER BY seq",
+                             (appid,))
+                if len(rows) == 2 or time.monotonic() > deadline:
+                    return rows
+                time.sleep(0.05)  # another process's writes: polled
+
+        self.assertEqual(await deferToThread(stored), [("user", "Hi"), ("assistant", "Half a")])
+
+        def next_stream() -> int | None:
+            after = c.request("GET", "/")
+            c.wait_stream(after, PROMPTLY)
+            return c.received.status(after)
+
+        self.assertEqual(await deferToThread(next_stream), 200, c.received.summary())
+        self.assertIsNone(c.received.goaway)
 
 
 class ConcurrencyTests(_EdgeCase):

@@ -7,6 +7,12 @@ blocking name lookup.
   SYNs) gets requests a ``StoreUnavailable`` within ``--db-wait``, and each
   attempt is abandoned after its own timeout while the reconnection loop
   goes on.
+- A database host that falls silent once connected (here a relay that
+  drops everything, both ways, mid-statement) gets requests a
+  ``StoreUnavailable`` (``503``, or an error frame mid-stream) within
+  ``--db-wait`` of the statement, and the connection is taken for lost and
+  reopened.  The kernel is told to notice such a host too (TCP keepalives,
+  ``tcp_user_timeout``).
 - Host names are resolved through the (injected) resolver and libpq gets
   ``hostaddr``.
 
@@ -16,6 +22,9 @@ only, so a small TCP relay on 127.0.0.1 stands in for a database host.
 
 from __future__ import annotations
 
+import functools
+import json
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -24,7 +33,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IHostnameResolver, IResolutionReceiver
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Factory
@@ -40,12 +49,18 @@ from chatterd.store import (
     StoreUnavailable,
     _names,
     with_addresses,
+    with_keepalives,
 )
-from tests import pgcluster
-from tests.harness import query
+from tests import harness, pgcluster
+from tests.harness import Chatterd, query
+from tests.ollama_emulator import Behaviour, start_emulator
+from tests.phone import read_as_phone
+from tests.test_llmchat import chat
 
-#: Seconds a connection attempt, and a request's wait, may take in these tests.
+#: Seconds a connection attempt, and a request's wait, may take in these tests (--db-wait).
 WAIT = 0.5
+#: Seconds past the bound that an answer may still take, on a loaded 2-core machine.
+MARGIN = 3.0
 #: Seconds after which a test gives up on something that should have ended long before.
 HUNG = 10.0
 
@@ -69,12 +84,13 @@ class _Front(portforward.ProxyServer):
             return  # accept, read what comes, say nothing
         self.transport.pauseProducing()
         client = portforward.ProxyClientFactory()
+        client.protocol = _Back
         client.noisy = False
         client.setServer(self)
         reactor.connectUNIX(relay.socket, client)
 
     def dataReceived(self, data: bytes) -> None:
-        if self.peer is not None:
+        if self.peer is not None and not self.factory.muted:  # type: ignore[attr-defined]
             super().dataReceived(data)
 
     def connectionLost(self, reason: Any) -> None:
@@ -83,10 +99,25 @@ class _Front(portforward.ProxyServer):
         super().connectionLost(reason)
 
 
+class _Back(portforward.ProxyClient):
+    """
+    The relay's connection to the cluster, for one of its clients.
+    """
+
+    noisy = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.peer.factory.muted:
+            super().dataReceived(data)
+
+
 class Relay(Factory):
     """
     A database host on 127.0.0.1: relays TCP to the test cluster, or
-    (``silent``) accepts connections and never answers.
+    (``silent``) accepts connections and never answers.  ``muted``, it drops
+    everything on the connections it relays, both ways, as a host that
+    fell off the network would (except that the relay's kernel still
+    acknowledges what arrives: only chatterd's own bound can notice).
     """
 
     protocol = _Front
@@ -96,6 +127,7 @@ class Relay(Factory):
         params = psycopg2.extensions.parse_dsn(dsn)
         self.socket = f"{params['host']}/.s.PGSQL.{params['port']}"
         self.silent = silent
+        self.muted = False
         self.open: list[_Front] = []
         self.made = 0
         self.lost = 0
@@ -179,19 +211,24 @@ class ConnectCase(TestCase):
         self.addCleanup(store.stopService)
         return store
 
-    async def within(self, d: Deferred[Any], seconds: float = HUNG) -> Any:
+    async def within(self, d: Deferred[Any], seconds: float = HUNG, what: str = "") -> Any:
         """
         ``d``'s result, failing the test (instead of hanging it) after
         ``seconds``; ``d`` itself is not cancelled (that would end it).
         """
-        return await store_module._shield(d).addTimeout(seconds, reactor)
+        try:
+            return await store_module._shield(d).addTimeout(seconds, reactor)
+        except TimeoutError:
+            self.fail(f"{what or 'no answer'} within {seconds:g} s")
 
-    async def unavailable(self, store: PostgresChattStore) -> None:
+    async def unavailable(self, store: PostgresChattStore, d: Deferred[Any] | None = None) -> None:
         """
-        A request gets StoreUnavailable, in about ``WAIT`` seconds at most
-        (the bound here, HUNG, only tells a hang from an answer).
+        A request (by default a ``post_chatt``) gets StoreUnavailable within
+        ``WAIT`` seconds (the margin is for a loaded machine).
         """
-        await self.within(self.assertFailure(store.post_chatt("u", "m"), StoreUnavailable))
+        if d is None:
+            d = store.post_chatt("u", "m")
+        await self.within(self.assertFailure(d, StoreUnavailable), WAIT + MARGIN, "no StoreUnavailable")
 
     async def eventually(self, check: Callable[[], bool], what: str) -> None:
         deadline = time.monotonic() + HUNG
@@ -269,7 +306,7 @@ class UnansweringDatabaseTests(ConnectCase):
         relay = Relay(self, pgcluster.fresh_database(), silent=True)
         store = self.make_store(relay.dsn, connect_timeout=30.0)
         await self.unavailable(store)
-        await self.within(self.assertFailure(store.begin_turn("a", [], 1.0), StoreUnavailable))
+        await self.unavailable(store, store.begin_turn("a", [], 1.0))
         self.assertFalse(store.started.called)  # type: ignore[union-attr]
 
     async def test_connections_are_opened_at_once(self) -> None:
@@ -280,6 +317,132 @@ class UnansweringDatabaseTests(ConnectCase):
         relay = Relay(self, pgcluster.fresh_database(), silent=True)
         self.make_store(relay.dsn, connect_timeout=30.0, pool_size=3)
         await self.eventually(lambda: len(relay.open) == 6, "the connections were not opened together")
+
+
+class SilentPeerTests(ConnectCase):
+    """
+    A database host that falls silent after the connection is made (its
+    packets dropped, both ways) costs a statement --db-wait, not the
+    kernel's TCP timeout; its connection is taken for lost and reopened.
+    """
+
+    async def test_a_statement_without_an_answer(self) -> None:
+        """
+        The relay drops everything mid-statement: the request gets
+        StoreUnavailable within WAIT, the connection is closed (the relay
+        sees it go) and reopened, and once the host answers again the store
+        works.
+        """
+        dsn = pgcluster.fresh_database()
+        relay = Relay(self, dsn, silent=False)
+        store = self.make_store(relay.dsn)
+        self.assertEqual(await self.within(store.started), 1)
+        await store.post_chatt("u", "before")  # the schema is made, the connection idle
+        relay.muted = True
+        made = relay.made
+        await self.unavailable(store)
+        await self.eventually(lambda: relay.lost >= 1, "the connection without an answer was left open")
+        await self.eventually(lambda: relay.made > made, "the lost connection was not reopened")
+        relay.muted = False
+        relay.drop()  # the attempts under way were muted: they would wait out their timeout
+        await self.within(Deferred.fromCoroutine(self.post_once_back(store)))
+        self.assertEqual(query(dsn, "SELECT message FROM chatts ORDER BY seq"), [("before",), ("back",)])
+
+    async def test_a_turn_without_an_answer_holds_no_lock(self) -> None:
+        """
+        A turn's first statement without an answer: StoreUnavailable, and
+        nothing is left held once the host answers again (the appID lock went
+        with the connection).
+        """
+        dsn = pgcluster.fresh_database()
+        relay = Relay(self, dsn, silent=False)
+        store = self.make_store(relay.dsn)
+        await store.post_chatt("u", "before")
+        await store.begin_turn("a", [{"role": "user", "content": "one"}], 1.0)
+        await store.end_turn("a", "reply")
+        relay.muted = True
+        await self.unavailable(store, store.begin_turn("a", [{"role": "user", "content": "two"}], 1.0))
+        relay.muted = False
+        relay.drop()
+        await self.within(Deferred.fromCoroutine(self.post_once_back(store)))
+        self.assertEqual(query(dsn, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"), [(0,)])
+
+    async def test_the_kernel_is_told_to_notice_a_dead_host(self) -> None:
+        """
+        libpq's TCP sockets carry keepalives and a user timeout sized from
+        --db-wait (here 10 s: a probe after 5 s idle, then 3 every 2 s; data
+        unacknowledged for 10 s), so that a host that dropped off the
+        network fails the socket in about --db-wait, idle or not.
+        """
+        relay = Relay(self, pgcluster.fresh_database(), silent=False)
+        store = self.make_store(relay.dsn, acquire_timeout=10.0)
+        self.assertEqual(await self.within(store.started), 1)
+        [connection] = store.pool._all
+        with socket.socket(fileno=os.dup(connection.fileno())) as sock:
+            options = {
+                "keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                "idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                "count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                "user timeout": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            }
+        self.assertEqual(options, {"keepalive": 1, "idle": 5, "interval": 2, "count": 3, "user timeout": 10000})
+
+
+class HTTPTests(ConnectCase):
+    """
+    What a client of chatterd sees of a database that does not answer: a
+    ``503`` JSON answer with ``Retry-After``, or mid-stream an error frame,
+    within --db-wait.
+    """
+
+    async def chatterd(self, relay: Relay) -> Chatterd:
+        self.emulator = await start_emulator(self)
+        self.patch(harness, "PostgresChattStore", functools.partial(PostgresChattStore, acquire_timeout=WAIT))
+        return await Chatterd(self, ollama=self.emulator.url, dsn=relay.dsn, pool_size=1).start()
+
+    async def unanswered(self, server: Chatterd, path: str, body: Any) -> dict[str, Any]:
+        started = time.monotonic()
+        response, raw = await self.within(Deferred.fromCoroutine(server.post(path, body)), HUNG, path)
+        self.assertLess(time.monotonic() - started, WAIT + MARGIN, path)
+        self.assertEqual(response.code, 503, raw)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
+        return json.loads(raw)  # type: ignore[no-any-return]
+
+    async def test_a_host_that_never_answers(self) -> None:
+        """
+        A database host that accepts and stays silent from the start:
+        /postchatt and /llmchat get 503 JSON within --db-wait.
+        """
+        relay = Relay(self, pgcluster.fresh_database(), silent=True)
+        server = await self.chatterd(relay)
+        self.assertIn("database", (await self.unanswered(server, "/postchatt", {"username": "u", "message": "m"}))["error"])
+        await self.unanswered(server, "/llmchat", chat())
+
+    async def test_a_host_that_falls_silent(self) -> None:
+        """
+        A database host that drops everything once the connections are
+        open: /postchatt and /llmchat get 503 JSON, and a stream under way
+        whose reply cannot be stored ends with an error frame, each within
+        --db-wait.
+        """
+        relay = Relay(self, pgcluster.fresh_database(), silent=False)
+        server = await self.chatterd(relay)
+        response, _ = await server.post("/postchatt", {"username": "u", "message": "before"})
+        self.assertEqual(response.code, 200)
+        self.emulator.models["stall"] = Behaviour(reply=["lost", " reply"], stall_after=1)
+        s = await server.open("/llmchat", chat(model="stall"))
+        await self.emulator.when_stalled()
+        relay.muted = True
+        await self.unanswered(server, "/postchatt", {"username": "u", "message": "during"})
+        await self.unanswered(server, "/llmchat", chat(appid="other"))
+        started = time.monotonic()
+        self.emulator.release()
+        await self.within(s.done, HUNG, "the end of the stream")
+        self.assertLess(time.monotonic() - started, WAIT + MARGIN)
+        [error] = read_as_phone(s.body).errors
+        self.assertIn("could not be stored", json.loads(error)["error"])
 
 
 class ResolutionTests(ConnectCase):
@@ -380,6 +543,23 @@ class AddressTests(SynchronousTestCase):
         found = self.rewrite("host=a,b", {"a": [], "b": ["10.0.0.3"]})
         self.assertEqual((found["host"], found["hostaddr"]), ("b", "10.0.0.3"))
         self.assertRaises(NameNotResolved, with_addresses, "host=a", {"a": []}, {})
+
+    def test_keepalives(self) -> None:
+        """
+        The DSN gets keepalives and ``tcp_user_timeout`` sized from the
+        seconds given (at least 1 s each), ``tcp_user_timeout`` no shorter
+        than a connection attempt's timeout; an option the DSN sets is kept;
+        ``tcp_user_timeout`` only for libpq 12 or later.
+        """
+        found = psycopg2.extensions.parse_dsn(with_keepalives("host=db dbname=x", 10.0))
+        self.assertEqual(found, {"host": "db", "dbname": "x", "keepalives": "1", "keepalives_idle": "5",
+                                 "keepalives_interval": "2", "keepalives_count": "3", "tcp_user_timeout": "10000"})
+        found = psycopg2.extensions.parse_dsn(with_keepalives("postgresql://u@db/x?keepalives_idle=42&keepalives=0", 0.5))
+        self.assertEqual((found["keepalives"], found["keepalives_idle"], found["keepalives_interval"],
+                          found["tcp_user_timeout"]), ("0", "42", "1", "500"))
+        self.assertEqual(psycopg2.extensions.parse_dsn(with_keepalives("host=db", 10.0, 30.0))["tcp_user_timeout"],
+                         "30000")
+        self.assertNotIn("tcp_user_timeout", with_keepalives("host=db", 10.0, libpq_version=110000))
 
     def test_pghost(self) -> None:
         """
