@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -343,7 +344,24 @@ def makeService(options: Options, reactor: Any = None,
         announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))
     if inherited is None:  # a worker's parent has said it all
         _Announce(announce).setServiceParent(parent)
+    if options["workers"] == 1 and inherited is None:
+        _NoReload(reactor).setServiceParent(parent)
     return top
+
+
+class _NoReload(Service):
+    """
+    A single chatterd cannot reload without dropping streams: SIGHUP (by
+    default the end of the process) is logged and ignored.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(
+            log.warn, "SIGHUP ignored: reloading needs --workers 2 or more (or auto); restart instead"))
 
 
 def _certificate(options: Options, announce: list[tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:

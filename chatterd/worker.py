@@ -158,6 +158,7 @@ def main() -> None:
 
     retire = Retirement(tree, reactor, spec["reload_grace"], stop)
     signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(retire))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads (a terminal's hangup reaches all)
 
     def start() -> None:
         tree.privilegedStartService()

@@ -13,6 +13,7 @@ whole unit tree, sysinit.target and the rest, must be copied under DIR too.)
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -131,6 +132,28 @@ class UnitTests(SynchronousTestCase):
         grace = tap.Options()["grace"]
         self.assertEqual(grace, 30.0)
         self.assertGreater(seconds(self.service["TimeoutStopSec"]), grace + 10)
+
+    def test_reload_is_sighup_to_the_supervisor(self) -> None:
+        """
+        ``systemctl reload`` sends SIGHUP to the main process, which runs
+        workers (a single process cannot reload without dropping streams).
+        """
+        self.assertEqual(self.values("ExecReload"), ["/bin/kill -HUP $MAINPID"])
+        argv = self.exec_start()
+        options = tap.Options()
+        options.parseOptions(argv[argv.index("chatterd") + 1:])
+        self.assertEqual(argv[argv.index("--workers") + 1], "auto")
+        self.assertEqual(options["workers"], os.cpu_count())
+
+    def test_enough_descriptors(self) -> None:
+        """
+        LimitNOFILE covers two descriptors per stream at --max-streams and
+        four client addresses (four NAT'd lecture halls) at their
+        --max-client-connections.
+        """
+        options = tap.Options()
+        needed = 2 * options["max-streams"] + 4 * options["max-client-connections"]
+        self.assertGreaterEqual(int(self.service.get("LimitNOFILE", 0)), needed)
 
     def test_sandboxed(self) -> None:
         """The sandbox directives docs/operations.md lists are all set."""

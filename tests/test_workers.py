@@ -312,3 +312,39 @@ class WorkerOptionTests(TestCase):
         options = Options()
         options.parseOptions(["--workers", "auto"])
         self.assertEqual(options["workers"], os.cpu_count())
+
+
+class SingleProcessTests(TestCase):
+    timeout = 120
+
+    async def test_sighup_is_ignored_without_workers(self) -> None:
+        """
+        One process cannot reload without dropping streams: SIGHUP (by
+        default the end of a process) is logged and changes nothing.
+        """
+        emulator = await start_emulator(self)
+        port = free_port()
+        daemon = Daemon(self, ["chatterd", "--listen", f"tcp:{port}:interface=127.0.0.1",
+                               "--database", pgcluster.fresh_database(), "--ollama", emulator.url])
+        await deferToThread(daemon.wait_until_serving)
+        daemon.process.send_signal(signal.SIGHUP)
+        await deferToThread(wait_for, lambda: "SIGHUP ignored" in daemon.output(), "the SIGHUP line")
+        response = await treq.get(f"http://127.0.0.1:{port}/healthz", persistent=False)
+        self.assertEqual(response.code, 200)
+        self.assertIsNone(daemon.process.poll())
+        self.assertEqual(daemon.stop(), 0)
+
+    async def test_the_tac_runs_workers(self) -> None:
+        """
+        ``chatterd.tac`` takes ``CHATTERD_WORKERS`` as ``--workers``.
+        """
+        emulator = await start_emulator(self)
+        port = free_port()
+        daemon = Daemon(self, ["--python", str(Path(__file__).resolve().parent.parent / "chatterd.tac")], {
+            "CHATTERD_LISTEN": f"tcp:{port}:interface=127.0.0.1", "CHATTERD_WORKERS": "2",
+            "CHATTERD_DATABASE": pgcluster.fresh_database(), "CHATTERD_OLLAMA": emulator.url,
+        })
+        await deferToThread(wait_for, lambda: len(WorkerTests.serving(daemon)) == 2, "two workers")
+        response = await treq.get(f"http://127.0.0.1:{port}/healthz", persistent=False)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(daemon.stop(), 0)
