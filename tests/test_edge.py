@@ -590,6 +590,42 @@ class FloodTests(_EdgeCase):
         self.assertEqual(read_as_phone(reply.body).bubble, " w" * 3000)
 
 
+class EmptyHeadersTests(_EdgeCase):
+    """
+    Item 2: empty HEADERS frames spend the bucket of empty frames.  (On the
+    server with metrics, which tell what ended the connection.)
+    """
+
+    name = "defaults"
+    options = DEFAULTS
+    with_metrics = True
+
+    async def test_empty_headers_flood(self) -> None:
+        """
+        10,000 GETs, each opened by an empty HEADERS frame without END flags
+        (its block all in a CONTINUATION): valid HTTP/2, so only the count of
+        empty frames stops it at once, with GOAWAY ENHANCE_YOUR_CALM
+        counted as ``empty`` (without it, the refused streams' resets end it
+        thousands of streams later); memory bounded; another client served.
+        """
+        def flood(c: Attacker, _: Any) -> Iterator[bytes]:
+            block = plain_block("GET", "/")
+            for _ in range(100):
+                batch = b""
+                for _ in range(100):
+                    sid = c.next_stream()
+                    batch += headers(sid, b"", end_headers=False) + continuation(sid, block, end_headers=True)
+                yield batch
+
+        def empty() -> float:
+            return metric(self.srv.metrics(), "chatterd_http2_defences_total", 'reason="empty"')
+
+        before = await deferToThread(empty)
+        received = await self.assert_flood_refused(flood)
+        self.assertEqual(await deferToThread(empty) - before, 1,
+                         f"the connection was not ended for empty frames: {received.summary()}")
+
+
 class ResetTests(_EdgeCase):
     """
     Item 8: resets, by the client or provoked from the server.

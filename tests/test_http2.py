@@ -13,11 +13,13 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 from h2.errors import ErrorCodes
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
     Frame,
+    GoAwayFrame,
     HeadersFrame,
     PingFrame,
     RstStreamFrame,
@@ -147,8 +149,8 @@ class FrameGuardTests(SynchronousTestCase):
 
     def test_floods(self) -> None:
         """
-        PING, WINDOW_UPDATE, empty DATA and RST_STREAM floods each trip their
-        own bucket, after the burst a normal client never reaches.
+        PING, WINDOW_UPDATE and empty DATA floods each trip their own bucket,
+        after the burst a normal client never reaches.
         """
         budgets = http2.Budgets()
         self.assert_flood(ping(), "control", int(budgets.control[0]))
@@ -156,6 +158,28 @@ class FrameGuardTests(SynchronousTestCase):
         update.window_increment = 1
         self.assert_flood(update, "window_updates", int(budgets.window_updates[0]))
         self.assert_flood(DataFrame(1), "empty", int(budgets.empty[0]))
+
+    def test_empty_headers_count(self) -> None:
+        """
+        Empty HEADERS frames without END flags spend the bucket of empty frames.
+        """
+        self.assert_flood(HeadersFrame(1), "empty", int(http2.Budgets().empty[0]))
+
+    def test_resets_received_count(self) -> None:
+        """
+        Resets the client sends spend the reset bucket (Rapid Reset), which
+        the resets chatterd sends share.
+        """
+        reset = RstStreamFrame(1)
+        reset.error_code = ErrorCodes.CANCEL
+        burst = int(http2.Budgets().resets[0])
+        self.assert_flood(reset, "resets", burst)
+        shared = FrameGuard(self.clock.seconds)
+        shared.feed(PREFACE + reset.serialize() * (burst // 2))
+        shared.sent(reset.serialize() * (burst // 2))
+        with self.assertRaises(Flood) as caught:
+            shared.feed(reset.serialize())
+        self.assertEqual(caught.exception.reason, "resets")
 
     def test_a_slow_flood_is_allowed(self) -> None:
         """
@@ -254,12 +278,12 @@ class Client:
         self.send()
         return sid
 
-    def frames(self) -> list[Any]:
+    def frames(self, data: bytes | None = None) -> list[Any]:
         """
         Every frame the server sent (h2's client hides some, such as a reset
-        of a stream it never opened).
+        of a stream it never opened), or the frames in ``data``.
         """
-        found, data = [], self.raw
+        found, data = [], self.raw if data is None else data
         while len(data) >= 9:
             frame, length = Frame.parse_frame_header(memoryview(data[:9]))
             frame.parse_body(memoryview(data[9:9 + length]))
@@ -478,6 +502,30 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
         self.assertTrue(c.transport.disconnecting)
         self.assertEqual(c.defences("control"), 1)
+
+    def test_an_empty_headers_flood_ends_the_connection(self) -> None:
+        """
+        150 requests, each opened by an empty HEADERS frame without END flags
+        (its block in a CONTINUATION; valid HTTP/2): GOAWAY(ENHANCE_YOUR_CALM)
+        for empty frames before any of them is served, and the connection closes.
+        """
+        c = Client(self)
+        block = hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(k, v) for k, v in (
+            (b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"x"))])
+        flood = []
+        for sid in range(1, 301, 2):
+            start, rest = HeadersFrame(sid), ContinuationFrame(sid)
+            rest.data = block
+            rest.flags.add("END_HEADERS")
+            flood += [start, rest]
+        # not c.send: h2's client would choke on resets of streams it never opened
+        c.protocol.dataReceived(frames(*flood))
+        c.clock.advance(0)
+        sent = c.frames(c.transport.value())
+        self.assertEqual([f.error_code for f in sent if isinstance(f, GoAwayFrame)], [ErrorCodes.ENHANCE_YOUR_CALM])
+        self.assertEqual([f for f in sent if isinstance(f, HeadersFrame)], [])
+        self.assertTrue(c.transport.disconnecting)
+        self.assertEqual(c.defences("empty"), 1)
 
     def test_a_header_block_must_end_in_time(self) -> None:
         """
