@@ -34,7 +34,7 @@ from twisted.web import resource, server
 from chatterd import http2
 from chatterd.http2 import Flood, FrameGuard, TokenBucket
 from chatterd.metrics import Metrics
-from chatterd.site import ChatterSite
+from chatterd.site import ChatterRequest, ChatterSite
 
 
 def frames(*fs: Any) -> bytes:
@@ -234,16 +234,33 @@ class BoundedClock(Clock):
         raise AssertionError("a busy loop: calls keep being scheduled for now")
 
 
+class AnswersAtHeaders(ChatterRequest):
+    """
+    A request whose app answers as soon as its headers are in, before its
+    body (when it carries ``x-answer-early``).
+    """
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(length)
+        self._clock.callLater(0, self._answer)  # once every header is in
+
+    def _answer(self) -> None:
+        if self.requestHeaders.hasHeader(b"x-answer-early"):
+            self.write(b"early")
+
+
 class Client:
     """
     An h2 client on one end of an in-memory transport to chatterd's site.
     """
 
-    def __init__(self, case: SynchronousTestCase, **site: Any) -> None:
+    def __init__(self, case: SynchronousTestCase, request: type | None = None, **site: Any) -> None:
         self.clock = BoundedClock()
         self.metrics = Metrics()
         settings = {"max_body": 1000, "request_timeout": 5.0, "idle_timeout": 30.0, **site}
         self.site = ChatterSite(Hello(), clock=self.clock, metrics=self.metrics, **settings)
+        if request is not None:
+            self.site.requestFactory = request
         self.protocol = self.site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
         self.transport.negotiatedProtocol = b"h2"
@@ -345,6 +362,26 @@ class StreamLimitTests(SynchronousTestCase):
         other = c.request()
         self.assertEqual(c.status(other), 200)
         self.assertEqual(c.defences("refused_408"), 1)
+
+    def test_the_deadline_after_an_answer_resets_the_stream(self) -> None:
+        """
+        A body still not in at ``request_timeout`` when the app has already
+        begun its answer: no 408 (the status is gone), the stream is reset
+        with CANCEL; the connection and its other streams carry on.
+        """
+        c = Client(self, request=AnswersAtHeaders)
+        sid = c.request(b"POST", headers=[(b"content-length", b"10"), (b"x-answer-early", b"1")], end=False)
+        self.assertEqual((c.status(sid), c.body(sid)), (200, b"early"))
+        c.advance(6, pings=True)
+        self.assertEqual([(e.stream_id, e.error_code) for e in c.of(h2.events.StreamReset)],
+                         [(sid, ErrorCodes.CANCEL)])
+        self.assertEqual([int(dict(e.headers)[b":status"]) for e in c.of(h2.events.ResponseReceived, sid)], [200])
+        self.assertEqual(c.body(sid), b"early")
+        self.assertEqual(c.defences("refused_408"), 1)
+        other = c.request()
+        self.assertEqual((c.status(other), c.body(other)), (200, b"hello"))
+        self.assertEqual(c.of(h2.events.ConnectionTerminated), [])
+        self.assertFalse(c.transport.disconnecting)
 
     def test_a_trickled_body_gets_408(self) -> None:
         """
