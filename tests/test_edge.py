@@ -3,17 +3,21 @@ chatterd at its HTTP/2 edge, attacked as a hostile client would: real TLS and
 raw HTTP/2 frames (:mod:`tests.h2attack`) against ``twistd chatterd`` in a
 child process (:mod:`tests.edge_server`).
 
-One test (or a few) per numbered item of the contract, ``notes/edge-spec.md``
-(issue 11).  A flood must end in the GOAWAY the contract names and a closed
-connection, with the server's resident memory grown by less than 8 MiB and
-another client (another source address) served at once afterwards.
+One test (or a few) per defence that ``docs/security.md`` lists, grouped by
+the items of issue 11 ("The HTTP/2 edge").  A flood must end in GOAWAY
+(ENHANCE_YOUR_CALM unless said otherwise) and a closed connection, with the
+server's resident memory grown by less than 8 MiB and another client (another
+source address) served at once afterwards.
 
-Contract item -> test class: SETTINGS -> SettingsTests; 1 RequestDeadlineTests;
-2 BodySizeTests; 3 HeaderCountTests; 4 ConcurrencyTests; 5 HeaderBlockTests
-(and test_goaway_then_close for "then the server closes"); 6 FrameSizeTests;
-7 FloodTests; 8 ResetTests (+ ConcurrencyTests.test_made_you_reset_refused_streams);
-9 IdleTests; 10 OutputTests; 11 and 12 PerClientTests, PerClientDefaultTests,
-PerClientOffTests.
+Issue item -> test class.  1, the HTTP/1.1 limits per stream:
+RequestDeadlineTests, BodySizeTests, HeaderCountTests, IdleTests (and
+SettingsTests for what is advertised).  2, the floods particular to HTTP/2:
+HeaderBlockTests (and test_goaway_then_close for "then the server closes"),
+FrameSizeTests, FloodTests, EmptyHeadersTests, ResetTests, OutputTests,
+ConcurrencyTests.  3, fair shares per client: PerClientTests,
+PerClientDefaultTests, PerClientOffTests.  What must keep holding: CancelTests
+(a phone's RST_STREAM cancels Ollama at once),
+FloodTests.test_normal_client_not_affected.
 
 The blocking attack client runs in a thread, so that the reactor keeps
 serving the Ollama emulator the tests start (:func:`edge_server.start_emulator`).
@@ -80,7 +84,7 @@ LOCAL = "127.0.0.1"
 
 #: Short deadlines, so that the tests that wait for them are quick.
 EDGE = ["--request-timeout", f"{REQUEST_TIMEOUT:g}", "--idle-timeout", f"{IDLE_TIMEOUT:g}"]
-#: Small per-client limits, named as the contract names them.
+#: Small per-client limits.
 FAIR = ["--max-client-connections", "3", "--max-client-streams", "2"]
 #: The per-client defaults: a quarter of --max-streams (2 of 8) and 256 connections.
 DEFAULTS = ["--max-streams", "8"]
@@ -253,7 +257,8 @@ class SettingsTests(_EdgeCase):
 
 class RequestDeadlineTests(_EdgeCase):
     """
-    Item 1: a stream's headers and whole body arrive within --request-timeout.
+    Item 1 (slow requests): a stream's headers and whole body arrive within
+    --request-timeout.
     """
 
     def slow_request(self, tick: Callable[[Attacker, int], None], extra: list[tuple[str, str]]) -> Any:
@@ -337,7 +342,7 @@ class RequestDeadlineTests(_EdgeCase):
 
 class BodySizeTests(_EdgeCase):
     """
-    Item 2: a body over --max-body is refused before it is read.
+    Item 1 (oversized bodies): a body over --max-body is refused before it is read.
     """
 
     def assert_413(self, received: Received, sid: int, what: str) -> None:
@@ -392,7 +397,7 @@ class BodySizeTests(_EdgeCase):
 class HeaderCountTests(_EdgeCase):
     async def test_too_many_headers(self) -> None:
         """
-        Item 3: more than 100 header fields get 431 JSON on that stream;
+        Item 1 (header caps): more than 100 header fields get 431 JSON on that stream;
         the connection carries on (90 headers are served).
         """
         def attack() -> Received:
@@ -412,7 +417,7 @@ class HeaderCountTests(_EdgeCase):
 
 class HeaderBlockTests(_EdgeCase):
     """
-    Item 5: header blocks larger than MAX_HEADER_LIST_SIZE.
+    Item 2 (CONTINUATION floods): header blocks larger than MAX_HEADER_LIST_SIZE.
     """
 
     async def test_continuation_flood(self) -> None:
@@ -519,7 +524,7 @@ class HeaderBlockTests(_EdgeCase):
 class FrameSizeTests(_EdgeCase):
     async def test_declared_length_over_max_frame_size(self) -> None:
         """
-        Item 6: a frame header declaring 16 MiB gets GOAWAY FRAME_SIZE_ERROR
+        Item 2: a frame header declaring 16 MiB gets GOAWAY FRAME_SIZE_ERROR
         at once, without waiting for the payload.
         """
         def attack() -> tuple[Received, MemoryWatch]:
@@ -537,7 +542,7 @@ class FrameSizeTests(_EdgeCase):
 
 class FloodTests(_EdgeCase):
     """
-    Item 7: floods of control and empty frames get GOAWAY ENHANCE_YOUR_CALM.
+    Item 2: floods of control and empty frames get GOAWAY ENHANCE_YOUR_CALM.
     """
 
     async def test_ping_flood(self) -> None:
@@ -628,7 +633,8 @@ class EmptyHeadersTests(_EdgeCase):
 
 class ResetTests(_EdgeCase):
     """
-    Item 8: resets, by the client or provoked from the server.
+    Item 2 (Rapid Reset, MadeYouReset): resets, by the client or provoked
+    from the server.
     """
 
     async def test_rapid_reset(self) -> None:
@@ -675,8 +681,8 @@ class ResetTests(_EdgeCase):
 
 class IdleTests(_EdgeCase):
     """
-    Item 9: a connection with no stream closes after --idle-timeout, whatever
-    control frames it receives.
+    Item 1 (idle connections): a connection with no stream closes after
+    --idle-timeout, whatever control frames it receives.
     """
 
     def keep_alive(self, tick: bytes) -> tuple[Received, float]:
@@ -708,8 +714,8 @@ class IdleTests(_EdgeCase):
 
 class OutputTests(_EdgeCase):
     """
-    Item 10: output that cannot drain holds bounded memory and is ended
-    after --idle-timeout.
+    Item 2 (windows at zero, a client that does not read): output that
+    cannot drain holds bounded memory and is ended after --idle-timeout.
     """
 
     async def test_zero_window(self) -> None:
@@ -824,8 +830,9 @@ class CancelTests(_EdgeCase):
 
 class ConcurrencyTests(_EdgeCase):
     """
-    Item 4 (on a server with the default 30 s request timeout, so that 100
-    streams can wait for their bodies as long as the test needs).
+    Item 2, MAX_CONCURRENT_STREAMS (on a server with the default 30 s request
+    timeout, so that 100 streams can wait for their bodies as long as the
+    test needs).
     """
 
     name = "defaults"
@@ -980,7 +987,7 @@ class _PerClientCase(_EdgeCase):
 
 class PerClientTests(_PerClientCase):
     """
-    Items 11 and 12 with --max-client-connections 3 --max-client-streams 2.
+    Item 3 with --max-client-connections 3 --max-client-streams 2.
     """
 
     name = "fair"
@@ -1029,7 +1036,7 @@ class PerClientTests(_PerClientCase):
 
 class PerClientDefaultTests(_PerClientCase):
     """
-    Items 11 and 12 with the defaults: a quarter of --max-streams (8 -> 2)
+    Item 3 with the defaults: a quarter of --max-streams (8 -> 2)
     and 256 connections per address.
     """
 
