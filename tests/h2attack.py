@@ -356,7 +356,7 @@ class Attacker:
                 break
             view = memoryview(chunk)
             while view and self.received.closed is None:
-                readable, writable, _ = select.select([self.sock], [self.sock], [], 1.0)
+                readable, writable = _ready(self.sock, 1.0, write=True)
                 if readable or self.sock.pending():
                     self._read_some()
                 if writable and self.received.closed is None:
@@ -390,7 +390,7 @@ class Attacker:
     def poll(self) -> None:
         """Read whatever has arrived, without waiting."""
         while self.received.closed is None:
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            readable, _ = _ready(self.sock, 0)
             if not (readable or self.sock.pending()):
                 return
             self._read_some()
@@ -405,7 +405,7 @@ class Attacker:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            readable, _, _ = select.select([self.sock], [], [], min(left, 0.5))
+            readable, _ = _ready(self.sock, min(left, 0.5))
             if readable or self.sock.pending():
                 self._read_some()
         return done()
@@ -546,6 +546,20 @@ class Attacker:
 
 
 # --- floods --------------------------------------------------------------------------
+
+
+def _ready(sock: socket.socket, timeout: float, *, write: bool = False) -> tuple[bool, bool]:
+    """
+    Whether ``sock`` is readable (and, with ``write``, writable) within
+    ``timeout`` seconds: ``poll``, as ``select`` takes no descriptor over 1023
+    (a test holding a thousand connections has such).
+    """
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | (select.POLLOUT if write else 0))
+    events = 0
+    for _, mask in poller.poll(timeout * 1000):
+        events |= mask
+    return bool(events & (select.POLLIN | select.POLLERR | select.POLLHUP)), bool(events & select.POLLOUT)
 
 
 def repeat(frame: bytes, count: int, *, batch: int = 65536) -> Iterator[bytes]:

@@ -86,7 +86,7 @@ LOCAL = "127.0.0.1"
 EDGE = ["--request-timeout", f"{REQUEST_TIMEOUT:g}", "--idle-timeout", f"{IDLE_TIMEOUT:g}"]
 #: Small per-client limits.
 FAIR = ["--max-client-connections", "3", "--max-client-streams", "2"]
-#: The per-client defaults: a quarter of --max-streams (2 of 8) and 256 connections.
+#: The per-client defaults: a quarter of --max-streams (2 of 8) and 1024 connections.
 DEFAULTS = ["--max-streams", "8"]
 #: 0 turns both per-client limits off.
 OFF = ["--max-streams", "8", "--max-client-streams", "0", "--max-client-connections", "0"]
@@ -1037,7 +1037,7 @@ class PerClientTests(_PerClientCase):
 class PerClientDefaultTests(_PerClientCase):
     """
     Item 3 with the defaults: a quarter of --max-streams (8 -> 2)
-    and 256 connections per address.
+    and 1024 connections per address.
     """
 
     name = "defaults"
@@ -1048,9 +1048,9 @@ class PerClientDefaultTests(_PerClientCase):
         """With --max-streams 8, the 3rd stream from one address gets 503."""
         await self.assert_stream_limit("127.0.0.11", 2, "127.0.0.12")
 
-    async def test_default_connection_limit_is_256(self) -> None:
-        """256 connections from one address are accepted, the 257th is not."""
-        await self.assert_connection_limit("127.0.0.13", 256, "127.0.0.14")
+    async def test_default_connection_limit_is_1024(self) -> None:
+        """1024 connections from one address are accepted, the 1025th is not."""
+        await self.assert_connection_limit("127.0.0.13", 1024, "127.0.0.14")
 
 
 class PerClientOffTests(_EdgeCase):
@@ -1062,10 +1062,12 @@ class PerClientOffTests(_EdgeCase):
     options = OFF
 
     async def test_no_connection_limit(self) -> None:
-        """300 connections from one address, and it is still served."""
+        """1100 connections from one address (more than the default 1024), and it is still served."""
         def attack() -> None:
-            held = [self.attacker("127.0.0.15", handshake=False, timeout=PROMPTLY + 2) for _ in range(300)]
+            held: list[Attacker] = []
             try:
+                for _ in range(1100):
+                    held.append(self.attacker("127.0.0.15", handshake=False, timeout=PROMPTLY + 2))
                 served(LOCAL, self.srv.port, self.srv.cafile, source="127.0.0.15", timeout=PROMPTLY + 2)
             finally:
                 for c in held:

@@ -88,11 +88,11 @@ class OptionsTests(SynchronousTestCase):
 
     def test_per_client_limits(self) -> None:
         """
-        By default one address may hold 256 connections and a quarter of
+        By default one address may hold 1024 connections and a quarter of
         --max-streams streams; 0 turns either off; negatives are refused.
         """
         o = parse()
-        self.assertEqual((o["max-client-connections"], o["max-client-streams"]), (256, 250))
+        self.assertEqual((o["max-client-connections"], o["max-client-streams"]), (1024, 250))
         self.assertEqual(parse("--max-streams", "40")["max-client-streams"], 10)
         self.assertEqual(parse("--max-streams", "3")["max-client-streams"], 1)
         o = parse("--max-client-connections", "0", "--max-client-streams", "0")
