@@ -112,7 +112,8 @@ class IChattStore(Interface):
     """
     Where chatts live.  Every method returns a Deferred that cannot be cancelled
     from outside: a client that goes away must not abort a write half-way.
-    Failures are :class:`StoreError` subclasses.
+    (Only a wait for an appID's turn can be cancelled: see :meth:`begin_turn`
+    and :meth:`replace_history`.)  Failures are :class:`StoreError` subclasses.
     """
 
     def post_chatt(username: str, message: str) -> Deferred[None]:
@@ -150,7 +151,9 @@ class IChattStore(Interface):
     def replace_history(appid: str, messages: Sequence[Message], timeout: float) -> Deferred[None]:
         """
         In ``appid``'s turn (waiting as :meth:`begin_turn` does), delete its
-        rows and store ``messages`` instead, as one transaction.
+        rows and store ``messages`` instead, as one transaction.  Cancelling
+        it ends the wait for the turn, so that nothing is replaced later (a
+        replacement already under way is completed, and its turn given back).
         """
 
     def ping() -> Deferred[None]:
@@ -1085,7 +1088,9 @@ class PostgresChattStore(Service):
             await self._begin_turn(appid, _many(appid, messages, replace=True), timeout)
             await self._unlock(appid)
 
-        return _shield(ensureDeferred(replace()))
+        # not shielded: a caller that gives up (shutdown, the client gone)
+        # must not have its history replaced once the turn comes after all
+        return ensureDeferred(replace())
 
     def ping(self) -> Deferred[None]:
         return self._call("runQuery", "SELECT 1", {}).addCallback(lambda _: None)

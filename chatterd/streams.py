@@ -13,7 +13,8 @@ Admission, turns and shutdown for the streaming routes (``/llmchat``, ``/llmprom
   (``begin_turn``/``end_turn``).
 - **Shutdown**: stopping the service refuses new streams, lets running ones
   finish for ``grace`` seconds, then aborts the rest (each ends with an SSE
-  error frame and stores its partial reply) and waits for them to wind up.
+  error frame and stores its partial reply) and waits for them to wind up,
+  for ``abort_wait`` seconds at most: then it logs what is left and ends.
 """
 
 from __future__ import annotations
@@ -108,13 +109,30 @@ class Slot:
     """
     One admitted request's place: what shutdown ends when the grace period
     is over, whether it is still waiting for its turn or already streaming.
+
+    :ivar what: the request, for the log (its method and path).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "a request") -> None:
+        self.what = what
         self.stream: Abortable | None = None
         self.waiting: Deferred[Any] | None = None
         self.aborted = False
+        self.handled = False  # the handler has returned
         self.ended: Deferred[None] = Deferred()
+
+    @property
+    def doing(self) -> str:
+        """
+        What it is doing, for the log.
+        """
+        if self.handled:
+            return "its answer not yet sent"
+        if self.stream is not None:
+            return "ending its stream" if self.aborted else "streaming"
+        if self.waiting is not None:
+            return "waiting"
+        return "running"
 
     def abort(self, reason: BaseException) -> None:
         self.aborted = True
@@ -149,6 +167,9 @@ class Streams(Service):
     :param max_client_streams: the most streams at once of one client
         address (0: no such limit).
     :param grace: seconds running streams get to finish at shutdown.
+    :param abort_wait: seconds the streams still running after ``grace``
+        get to wind up once aborted (an error frame, the partial reply
+        stored); then shutdown goes on without them.
     :param lock_wait: seconds a request waits for its appID's turn.
     """
 
@@ -161,12 +182,14 @@ class Streams(Service):
         max_streams: int = 1000,
         max_client_streams: int = 0,
         grace: float = 30.0,
+        abort_wait: float = 5.0,
         lock_wait: float = 300.0,
     ) -> None:
         self._clock = clock
         self.max_streams = max_streams
         self.per_client = Counts(max_client_streams)
         self.grace = grace
+        self.abort_wait = abort_wait
         self.lock_wait = lock_wait
         self._slots: set[Slot] = set()
         self._turns = KeyedLock()
@@ -215,7 +238,7 @@ class Streams(Service):
                 f"this address already has {self.per_client.limit} streams open, the most one client may "
                 "hold at once; try again when one has ended", retry_after=5, limit="streams",
             )
-        slot = Slot()
+        slot = Slot(_describe(request))
         self._slots.add(slot)
         # asked now: notifyFinish() asked after the request ended never fires
         finished = request.notifyFinish() if request is not None else succeed(None)
@@ -223,6 +246,7 @@ class Streams(Service):
         try:
             yield slot
         finally:
+            slot.handled = True
             self._slots.discard(slot)
             self.per_client.give(client)
             finished.addCallback(lambda _: slot.ended.callback(None))
@@ -273,16 +297,33 @@ class Streams(Service):
         if not self._slots:
             return
         log.info("waiting up to {grace:g} s for {n} streams to finish", grace=self.grace, n=len(self._slots))
-        ended = DeferredList([slot.ended for slot in self._slots])
+        slots = list(self._slots)
+        ended = DeferredList([slot.ended for slot in slots])
         await _within(ended, self.grace, self._clock)
         if self._slots:
             log.warn("ending {n} streams still running after the grace period", n=len(self._slots))
             for slot in list(self._slots):
                 slot.abort(ShuttingDown("chatterd is shutting down; the reply was cut short"))
-        await ended
+        # A stream may be stuck where an abort cannot reach (storing its
+        # reply, say), or its last bytes may not go: shutdown ends all the same.
+        await _within(ended, self.abort_wait, self._clock)
+        left = [slot for slot in slots if not slot.ended.called]
+        if left:
+            log.error(
+                "shutting down without waiting any longer for {n} requests, {wait:g} s after the grace "
+                "period: {which}", n=len(left), wait=self.abort_wait,
+                which="; ".join(f"{slot.what} ({slot.doing})" for slot in left),
+            )
         # The last frames are written but may sit in transport buffers, and
         # the reactor drops those when it stops: give them a moment to go.
         await deferLater(self._clock, 0.1, lambda: None)
+
+
+def _describe(request: IRequest | None) -> str:
+    if request is None:
+        return "a request"
+    method, path = request.method, request.path  # type: ignore[attr-defined]
+    return f"{method.decode('ascii', 'replace')} {path.decode('ascii', 'replace')}"
 
 
 def _restarting() -> Busy:

@@ -14,11 +14,13 @@ from typing import Any
 import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
+from twisted.logger import LogLevel, capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatterd.relay import RelayConfig
+from chatterd.streams import Slot, Streams
 from tests import pgcluster
 from tests.harness import Chatterd, Stream
 from tests.ollama_emulator import Behaviour, OllamaEmulator, start_emulator
@@ -194,6 +196,130 @@ class PrepAdmissionTests(HardeningTestCase):
         self.emulator.release()
         await first.done
         self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Hello, world!"])
+
+
+class PrepShutdownTests(HardeningTestCase):
+    streams = {"grace": 0.3}
+
+    async def test_shutdown_ends_a_prep_waiting_for_its_turn(self) -> None:
+        """
+        A /llmprep waiting for its appID's turn behind a stream of this
+        process is ended by shutdown after the grace period with 503,
+        nothing replaced, not after --lock-wait.
+        """
+        self.emulator.models["stall"] = Behaviour(reply=["Half"], stall_after=1)
+        first = await self.server.open("/llmchat", chat("one", model="stall"))
+        await self.emulator.when_stalled()
+        waiting = Deferred.fromCoroutine(self.server.post("/llmprep", chat("be brief")))
+        await self.until(lambda: self.server.streams.active == 2, "/llmprep to wait")
+        started = time.monotonic()
+        await self.server.streams.stopService()
+        response, body = await waiting
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(response.code, 503)
+        self.assertIn("restarting", json.loads(body)["error"])
+        await first.done
+        self.assertIn("shutting down", self.error_of(first))
+        self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Half"])
+
+    async def test_shutdown_ends_a_prep_waiting_for_another_process(self) -> None:
+        """
+        A /llmprep waiting for another chatterd's turn of its appID (the
+        store's lock) is ended by shutdown after the grace period with 503,
+        and gives up its wait: once the other process is done, nothing of
+        it is stored.
+        """
+        other = await self.chatterd(self.server.dsn)
+        self.emulator.models["stall"] = Behaviour(stall_after=1)
+        first = await other.open("/llmchat", chat("one", model="stall"))
+        await self.emulator.when_stalled()
+        waiting = Deferred.fromCoroutine(self.server.post("/llmprep", chat("be brief")))
+        await self.until(lambda: self.server.streams.active == 1, "/llmprep to wait")
+        await deferLater(reactor, 0.2)  # its attempts at the store's lock under way
+        started = time.monotonic()
+        await self.server.streams.stopService()
+        response, body = await waiting
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(response.code, 503)
+        self.assertIn("restarting", json.loads(body)["error"])
+        self.emulator.release()
+        await first.done
+        await deferLater(reactor, 1.0)  # what a wait left running would do by now
+        self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Hello, world!"])
+
+
+class _Stuck:
+    """
+    A stream that an abort does not end (stuck storing its reply, say).
+    """
+
+    def __init__(self) -> None:
+        self.aborted: list[BaseException] = []
+
+    def abort(self, reason: BaseException) -> None:
+        self.aborted.append(reason)
+
+
+class DrainBoundTests(SynchronousTestCase):
+    """
+    Shutdown waits for aborted streams for ``abort_wait`` at most.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.streams = Streams(clock=self.clock, grace=30.0, abort_wait=5.0)
+        self.streams.startService()
+
+    def hold(self, stream: _Stuck, until: Deferred[None]) -> Slot:
+        """
+        Admit a request and run ``stream`` in its slot until ``until`` fires.
+        """
+        slots: list[Slot] = []
+
+        async def run() -> None:
+            async with self.streams.admitted() as slot:
+                slot.stream = stream
+                slots.append(slot)
+                await until
+
+        Deferred.fromCoroutine(run())
+        return slots[0]
+
+    def test_a_stream_that_does_not_end_when_aborted(self) -> None:
+        """
+        A stream still running ``abort_wait`` seconds after it was aborted
+        no longer holds shutdown; the log says what was left.
+        """
+        stuck = _Stuck()
+        self.hold(stuck, Deferred())
+        with capturedLogs() as events:
+            stopping = self.streams.stopService()
+            self.clock.advance(30.0)
+            self.assertEqual(len(stuck.aborted), 1)
+            self.clock.advance(4.9)
+            self.assertNoResult(stopping)
+            self.clock.advance(0.1)
+            self.clock.advance(0.1)  # the moment given to the last frames
+            self.successResultOf(stopping)
+        [error] = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertIn("1 requests", error)
+        self.assertIn("a request (ending its stream)", error)
+
+    def test_a_stream_that_ends_when_aborted(self) -> None:
+        """
+        A stream that ends soon after its abort: shutdown ends then, with
+        nothing logged as left.
+        """
+        stuck, ending = _Stuck(), Deferred[None]()
+        self.hold(stuck, ending)
+        with capturedLogs() as events:
+            stopping = self.streams.stopService()
+            self.clock.advance(30.0)
+            self.clock.advance(1.0)
+            ending.callback(None)
+            self.clock.advance(0.1)
+            self.successResultOf(stopping)
+        self.assertEqual([e for e in events if e["log_level"] == LogLevel.error], [])
 
 
 class OllamaTimeoutTests(HardeningTestCase):
