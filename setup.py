@@ -17,7 +17,8 @@ setup(
     package_data={"twisted": ["plugins/chatterd_plugin.py"], "chatterd": ["py.typed"]},
     # Lower bounds are the versions the test suite was run with.
     install_requires=[
-        "twisted[tls,http2]>=26.10",
+        # <27: chatterd.twistedcompat names Twisted's private classes, checked on 26.x
+        "twisted[tls,http2]>=26.10,<27",
         "klein>=24.8",
         "treq>=26.7",
         "txpostgres>=1.7.0",

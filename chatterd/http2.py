@@ -40,9 +40,10 @@ None of this touches the path of a relayed frame: the checks run on what a
 client sends (frame headers only), on control frames chatterd sends, and on
 rare events (a window or a transport filling up).
 
-This module uses Twisted's and h2's private names (``H2Connection`` and its
-helpers, ``_GenericHTTPChannelProtocol``, h2's stream bookkeeping): checked
-against Twisted 26.10 and h2 4.x, the ranges ``setup.py`` allows.
+This module builds on Twisted's private HTTP/2 classes (imported from
+:mod:`chatterd.twistedcompat`, which says why) and on h2's stream
+bookkeeping: checked against Twisted 26.x and h2 4.x, the ranges
+``setup.py`` allows.
 """
 
 from __future__ import annotations
@@ -66,10 +67,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
-from twisted.web import http
-from twisted.web._http2 import _END_STREAM_SENTINEL, H2Connection, H2Stream
 
 from chatterd.logs import Logger
+from chatterd.twistedcompat import END_STREAM_SENTINEL as _END_STREAM_SENTINEL
+from chatterd.twistedcompat import GenericHTTPChannelProtocol, H2Connection, H2Stream
 
 log = Logger()
 
@@ -714,7 +715,7 @@ class ChatterH2Connection(H2Connection):
         return str(getattr(peer, "host", peer))
 
 
-class ChannelProtocol(http._GenericHTTPChannelProtocol):
+class ChannelProtocol(GenericHTTPChannelProtocol):
     """
     A connection's protocol: the HTTP/1.1 channel it is made with, or
     :class:`ChatterH2Connection` once ALPN has picked ``h2`` (Twisted's own

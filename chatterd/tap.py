@@ -3,15 +3,20 @@
 The command line and the service tree: ``twistd chatterd`` and ``chatterd.tac``
 both go through :class:`Options` and :func:`makeService`.
 
-The tree, started top-down and stopped bottom-up, one child at a time::
+The tree (see :func:`makeService` for the order, said once, in code)::
 
     MultiService
     └── EmbeddedPostgresService      (only without --database)
-        └── _Sequential
+        └── _Sequential              started in order, stopped in reverse
             ├── PostgresChattStore       (the connection pools)
             ├── the HTTP client's pool   (persistent connections to Ollama)
+            ├── Balancer                 (the Ollama servers)
             ├── Streams                  (drains running streams at shutdown)
-            └── one listener per --listen
+            ├── one listener per --listen, the --metrics listener
+            └── _NoReload, _Announce
+
+With ``--workers N`` the ``_Sequential`` holds the ``Supervisor`` of the
+worker processes (and the ``--metrics`` listener) instead.
 """
 
 from __future__ import annotations
@@ -30,9 +35,8 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
-from chatterd import logs, tls
+from chatterd import logs, tls, twistedcompat
 from chatterd.balancer import Balancer
 from chatterd.clients import ConnectionLimit
 from chatterd.logs import Logger
@@ -141,8 +145,9 @@ class Options(usage.Options):
         ["max-body", None, DEFAULT_MAX_BODY, "Largest request body in bytes.",
          _positive(int, "max-body")],
         ["max-history", None, DEFAULT_MAX_HISTORY,
-         "Most bytes of an appID's history sent to Ollama: the newest messages that fit "
-         "(the system prompt and the new messages always).",
+         "Most bytes of an appID's history sent to Ollama: its system messages, oldest first, "
+         "while they fit on their own; the new messages, always whole; then the newest others "
+         "that fit in what is left (older rows stay stored).",
          _positive(int, "max-history")],
         ["db-pool-size", None, 4, "Database connections.", _positive(int, "db-pool-size")],
         ["db-wait", None, 10.0, "Seconds a request waits for a free database connection.",
@@ -238,60 +243,9 @@ class Options(usage.Options):
             self.parent["logger"] = "chatterd.logs.json_observer"
 
 
-def _needs_generated_certificate(description: str) -> bool:
-    args, kwargs = tls.parse_description(description)
-    return args[0] == "ssl" and len(args) < 3 and "privateKey" not in kwargs
+# --- assembly: one small builder per component, then the order, once ---
 
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    """
-    The HTTP client's connection factory, without a log line per connection.
-    """
-
-    noisy = False
-
-
-class _Sequential(MultiService):
-    """
-    A ``MultiService`` that stops its children one at a time, last started
-    first: listeners close, then running streams drain, then the connections
-    to Ollama and to the database close.
-    """
-
-    async def _stop(self) -> None:
-        for child in reversed(list(self)):
-            await maybeDeferred(child.stopService)
-
-    def stopService(self) -> Deferred[None]:
-        Service.stopService(self)
-        return Deferred.fromCoroutine(self._stop())
-
-
-class _HTTPPoolService(Service):
-    """
-    Closes the persistent connections to Ollama at shutdown.
-    """
-
-    def __init__(self, pool: HTTPConnectionPool) -> None:
-        self._pool = pool
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self._pool.closeCachedConnections()
-
-
-class _Announce(Service):
-    """
-    Logs what chatterd serves, once everything has started.
-    """
-
-    def __init__(self, lines: list[tuple[str, dict[str, Any]]]) -> None:
-        self._lines = lines
-
-    def startService(self) -> None:
-        super().startService()
-        for fmt, fields in self._lines:
-            log.info(fmt, **fields)
+Announcements = list[tuple[str, dict[str, Any]]]
 
 
 def makeService(options: Options, reactor: Any = None,
@@ -305,6 +259,12 @@ def makeService(options: Options, reactor: Any = None,
     :mod:`chatterd.workers`): the database and the listening sockets, and
     no request work.
 
+    **Order.** The services under the database are started in the order of
+    the list built here and stopped in the reverse order, one at a time
+    (:class:`_Sequential`): listeners close first, then running streams
+    drain, then the connections to Ollama and to the database close, and
+    the embedded PostgreSQL (the tree's root, when there is one) stops last.
+
     :param inherited: in a worker (see :mod:`chatterd.worker`), the
         listening sockets its parent bound, by ``--listen`` description, as
         ``(descriptor, address family)``.
@@ -313,58 +273,51 @@ def makeService(options: Options, reactor: Any = None,
         from twisted.internet import reactor
     for stream in (sys.stdout, sys.stderr):  # where twistd's observers write
         logs.never_fail_to_encode(stream)
-    top = MultiService()
-    announce: list[tuple[str, dict[str, Any]]] = []
-
-    parent = _Sequential()
-    if options["database"]:
-        parent.setServiceParent(top)
-        dsn: Any = options["database"]
-        announce.append(("database: the configured DSN", {}))
-    else:
-        from chatterd.pgembed import (
-            EmbeddedPostgres,
-            EmbeddedPostgresService,
-            default_base,
-        )
-
-        base = default_base(options["data-dir"])
-        embedded = EmbeddedPostgresService(EmbeddedPostgres(base))
-        embedded.setServiceParent(top)
-        parent.setServiceParent(embedded)  # started after the server, stopped before it
-        dsn = embedded.get_dsn
-        announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
-
-    cert_path, key_path = _certificate(options, announce)
+    announce: Announcements = []
+    top, dsn = _database(options, announce)
+    certificate = _certificate(options, announce)
     if options["workers"] > 1:
-        _supervise(options, reactor, parent, dsn, announce)
+        services = _supervisor(options, reactor, dsn, announce)
     else:
-        _serve(options, reactor, parent, dsn, (cert_path, key_path), announce, inherited)
+        services = _server(options, reactor, dsn, certificate, announce, inherited)
+        if inherited is None:
+            services.append(_NoReload(reactor))
     if options["log-content"]:
         announce.append(("logging message contents (--log-content): turn it off outside debugging", {}))
     if inherited is None:  # a worker's parent has said it all
-        _Announce(announce).setServiceParent(parent)
-    if options["workers"] == 1 and inherited is None:
-        _NoReload(reactor).setServiceParent(parent)
+        services.append(_Announce(announce))
+    ordered = _Sequential()
+    for service in services:
+        service.setServiceParent(ordered)
+    ordered.setServiceParent(top)
     return top
 
 
-class _NoReload(Service):
+def _database(options: Options, announce: Announcements) -> tuple[MultiService, Any]:
     """
-    A single chatterd cannot reload without dropping streams: SIGHUP (by
-    default the end of the process) is logged and ignored.
+    The tree's root and the database's DSN: with ``--database``, an empty
+    root and that DSN; else the embedded PostgreSQL as the root (it starts
+    before everything under it and stops after) and its DSN once started.
     """
+    if options["database"]:
+        announce.append(("database: the configured DSN", {}))
+        return MultiService(), options["database"]
+    from chatterd.pgembed import EmbeddedPostgres, EmbeddedPostgresService, default_base
 
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
+    base = default_base(options["data-dir"])
+    embedded = EmbeddedPostgresService(EmbeddedPostgres(base))
+    announce.append(("database: embedded PostgreSQL in {base}", {"base": str(base)}))
+    top = MultiService()
+    embedded.setServiceParent(top)
+    return embedded, embedded.get_dsn
 
-    def startService(self) -> None:
-        super().startService()
-        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(
-            log.warn, "SIGHUP ignored: reloading needs --workers 2 or more (or auto); restart instead"))
+
+def _needs_generated_certificate(description: str) -> bool:
+    args, kwargs = tls.parse_description(description)
+    return args[0] == "ssl" and len(args) < 3 and "privateKey" not in kwargs
 
 
-def _certificate(options: Options, announce: list[tuple[str, dict[str, Any]]]) -> tuple[Path, Path]:
+def _certificate(options: Options, announce: Announcements) -> tuple[Path, Path]:
     """
     The certificate and key of ``ssl:`` listeners that name none, made if missing.
     """
@@ -387,13 +340,8 @@ def _certificate(options: Options, announce: list[tuple[str, dict[str, Any]]]) -
     return cert_path, key_path
 
 
-def _serve(options: Options, reactor: Any, parent: MultiService, dsn: Any, certificate: tuple[Path, Path],
-           announce: list[tuple[str, dict[str, Any]]], inherited: dict[str, tuple[int, int]] | None) -> None:
-    """
-    The services that answer requests, under ``parent`` in start order.
-    """
-    metrics = Metrics()
-    store = PostgresChattStore(
+def _store(options: Options, reactor: Any, dsn: Any, metrics: Metrics) -> PostgresChattStore:
+    return PostgresChattStore(
         dsn,
         reactor=reactor,
         pool_size=options["db-pool-size"],
@@ -401,43 +349,42 @@ def _serve(options: Options, reactor: Any, parent: MultiService, dsn: Any, certi
         max_history=options["max-history"],
         on_error=metrics.database_error,
     )
-    store.setServiceParent(parent)
 
-    pool = HTTPConnectionPool(reactor, persistent=True)
-    pool.maxPersistentPerHost = 64
-    pool._factory = _QuietClientFactory
-    _HTTPPoolService(pool).setServiceParent(parent)
+
+def _ollama(options: Options, reactor: Any) -> tuple[Service, Balancer]:
+    """
+    The Ollama servers behind one balancer, and the service that closes
+    their persistent connections at shutdown.
+    """
+    pool = twistedcompat.quiet_pool(reactor, per_host=64)
     http = http_client(reactor, pool, options["connect-timeout"])
-    ollama = Balancer(
+    balancer = Balancer(
         [OllamaClient(http, url) for url in options["ollama"]], clock=reactor, refresh=options["tags-refresh"]
     )
-    ollama.setServiceParent(parent)
-    announce.append(("Ollama: {urls}", {"urls": ", ".join(options["ollama"])}))
+    return _HTTPPoolService(pool), balancer
 
-    streams = Streams(
+
+def _streams(options: Options, reactor: Any) -> Streams:
+    return Streams(
         clock=reactor,
         max_streams=options["max-streams"],
         max_client_streams=options["max-client-streams"],
         grace=options["grace"],
         lock_wait=options["lock-wait"],
     )
-    streams.setServiceParent(parent)
-    relay = RelayConfig(
+
+
+def _relay(options: Options) -> RelayConfig:
+    return RelayConfig(
         heartbeat=options["heartbeat"],
         first_byte_timeout=options["first-byte-timeout"],
         stall_timeout=options["stall-timeout"],
         max_reply=options["max-reply"],
     )
-    app = ChatterApp(
-        store=store,
-        ollama=ollama,
-        streams=streams,
-        clock=reactor,
-        relay=relay,
-        metrics=metrics,
-        log_content=options["log-content"],
-    )
-    site = ChatterSite(
+
+
+def _site(options: Options, reactor: Any, app: ChatterApp, metrics: Metrics) -> ChatterSite:
+    return ChatterSite(
         app.resource(),
         clock=reactor,
         max_body=options["max-body"],
@@ -445,30 +392,53 @@ def _serve(options: Options, reactor: Any, parent: MultiService, dsn: Any, certi
         idle_timeout=options["idle-timeout"],
         metrics=metrics,
     )
-    metrics.watch(streams=streams, store=store, ollama=ollama, clock=reactor)
+
+
+def _listeners(options: Options, reactor: Any, site: ChatterSite, certificate: tuple[Path, Path],
+               metrics: Metrics, inherited: dict[str, tuple[int, int]] | None) -> list[Service]:
+    """
+    One listener per ``--listen``, sharing one count of connections per client.
+    """
     connections = ConnectionLimit(
         options["max-client-connections"], reactor,
         on_refused=metrics.client_limit_refusals.labels("connections").inc,
     )
+    found: list[Service] = []
     for description in options["listen"]:
         try:
             endpoint = tls.server_endpoint(reactor, description, *certificate, connections,
                                            inherited=(inherited or {}).get(description))
         except (ValueError, OSError) as e:
             raise usage.UsageError(f"--listen {description}: {e}") from None
-        listener = StreamServerEndpointService(endpoint, site)
-        listener._raiseSynchronously = True  # a failed bind aborts twistd, as strports does
-        listener.setServiceParent(parent)
-        announce.append(("listening on {listen}", {"listen": description}))
+        found.append(twistedcompat.listener(endpoint, site))
+    return found
+
+
+def _server(options: Options, reactor: Any, dsn: Any, certificate: tuple[Path, Path],
+            announce: Announcements, inherited: dict[str, tuple[int, int]] | None) -> list[Service]:
+    """
+    A chatterd that answers requests: its services in start order.
+    """
+    metrics = Metrics()
+    store = _store(options, reactor, dsn, metrics)
+    http_pool, ollama = _ollama(options, reactor)
+    streams = _streams(options, reactor)
+    app = ChatterApp(store=store, ollama=ollama, streams=streams, clock=reactor, relay=_relay(options),
+                     metrics=metrics, log_content=options["log-content"])
+    site = _site(options, reactor, app, metrics)
+    metrics.watch(streams=streams, store=store, ollama=ollama, clock=reactor)
+    listeners = _listeners(options, reactor, site, certificate, metrics, inherited)
+    announce.append(("Ollama: {urls}", {"urls": ", ".join(options["ollama"])}))
+    announce += [("listening on {listen}", {"listen": d}) for d in options["listen"]]
+    services: list[Service] = [store, http_pool, ollama, streams, *listeners]
     if options["metrics"]:
         endpoint = endpoints.serverFromString(reactor, options["metrics"])
-        metrics_site = metrics.site({b"readyz": ReadinessResource(app)})
-        StreamServerEndpointService(endpoint, metrics_site).setServiceParent(parent)
+        services.append(StreamServerEndpointService(endpoint, metrics.site({b"readyz": ReadinessResource(app)})))
         announce.append(("metrics on {listen}", {"listen": options["metrics"]}))
+    return services
 
 
-def _supervise(options: Options, reactor: Any, parent: MultiService, dsn: Any,
-               announce: list[tuple[str, dict[str, Any]]]) -> None:
+def _supervisor(options: Options, reactor: Any, dsn: Any, announce: Announcements) -> list[Service]:
     """
     The workers' parent: it binds the listeners and hands them to
     ``--workers`` processes that serve them, and serves the metrics of all.
@@ -476,7 +446,7 @@ def _supervise(options: Options, reactor: Any, parent: MultiService, dsn: Any,
     from chatterd.workers import Supervisor, log_destination, metrics_site, worker_options
 
     metrics_dir = tempfile.mkdtemp(prefix="chatterd-metrics-") if options["metrics"] else None
-    supervisor = Supervisor(
+    services: list[Service] = [Supervisor(
         count=options["workers"],
         options=worker_options(options),
         dsn=dsn,
@@ -486,14 +456,70 @@ def _supervise(options: Options, reactor: Any, parent: MultiService, dsn: Any,
         reload_grace=options["reload-grace"],
         metrics_dir=metrics_dir,
         log=log_destination(options),
-    )
-    supervisor.setServiceParent(parent)
-    for description in options["listen"]:
-        announce.append(("listening on {listen} ({n} workers)", {"listen": description, "n": options["workers"]}))
+    )]
+    announce += [("listening on {listen} ({n} workers)", {"listen": d, "n": options["workers"]})
+                 for d in options["listen"]]
     if metrics_dir is not None:
         endpoint = endpoints.serverFromString(reactor, options["metrics"])
-        StreamServerEndpointService(endpoint, metrics_site(metrics_dir)).setServiceParent(parent)
+        services.append(StreamServerEndpointService(endpoint, metrics_site(metrics_dir)))
         announce.append(("metrics of every worker on {listen}", {"listen": options["metrics"]}))
+    return services
+
+
+class _Sequential(MultiService):
+    """
+    A ``MultiService`` that stops its children one at a time, last started first.
+    """
+
+    async def _stop(self) -> None:
+        for child in reversed(list(self)):
+            await maybeDeferred(child.stopService)
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+
+class _HTTPPoolService(Service):
+    """
+    Closes the persistent connections to Ollama at shutdown.
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._pool.closeCachedConnections()
+
+
+class _Announce(Service):
+    """
+    Logs what chatterd serves, once everything has started.
+    """
+
+    def __init__(self, lines: Announcements) -> None:
+        self._lines = lines
+
+    def startService(self) -> None:
+        super().startService()
+        for fmt, fields in self._lines:
+            log.info(fmt, **fields)
+
+
+class _NoReload(Service):
+    """
+    A single chatterd cannot reload without dropping streams: SIGHUP (by
+    default the end of the process) is logged and ignored.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(
+            log.warn, "SIGHUP ignored: reloading needs --workers 2 or more (or auto); restart instead"))
 
 
 #: ``chatterd.tac``'s environment variables and the options they stand for.
