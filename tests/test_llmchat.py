@@ -5,6 +5,7 @@ port, its store on the test cluster, Ollama played by the emulator over TCP.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -18,6 +19,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatterd.relay import RelayConfig, WriteBatcher
+from chatterd.store import MESSAGE_OVERHEAD, PostgresChattStore
+from tests import harness
 from tests.harness import Chatterd, Stream, query
 from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
 from tests.phone import AppWouldChoke, read_as_phone
@@ -452,6 +455,86 @@ class LLMPrepTests(LLMTestCase):
         self.assertEqual(self.emulator.requests[-1].json["messages"], [
             {"role": "system", "content": "Answer in French."}, {"role": "user", "content": "new"},
         ])
+
+
+def size(role: str, content: str) -> int:
+    """
+    What a message costs of --max-history.
+    """
+    return MESSAGE_OVERHEAD + len(role.encode()) + len(content.encode())
+
+
+SYSTEM = "Answer in French."
+REPLY = "Hello, world!"  # the emulator's
+#: Room for the system prompt, a new prompt of 2 characters, and one turn before it.
+BOUND = size("system", SYSTEM) + 2 * size("user", "q1") + size("assistant", REPLY)
+
+
+class HistoryCutTests(LLMTestCase):
+    """
+    What Ollama receives once an appID's history is past --max-history (here
+    ``BOUND``): the system prompt while it fits on its own, the new messages
+    whole, then the newest other messages that fit.
+    """
+
+    async def _setUp(self) -> None:
+        self.patch(harness, "PostgresChattStore", functools.partial(PostgresChattStore, max_history=BOUND))
+        await super()._setUp()
+
+    async def prep(self, system: str, appid: str = APP) -> None:
+        body = {"appID": appid, "model": "llama3.2", "messages": [{"role": "system", "content": system}]}
+        response, _ = await self.server.post("/llmprep", body)
+        self.assertEqual(response.code, 200)
+
+    def sent(self) -> list[tuple[str, str]]:
+        """
+        The messages of Ollama's last request, as (role, content).
+        """
+        return [(m["role"], m["content"]) for m in self.emulator.requests[-1].json["messages"]]
+
+    async def test_the_oldest_turns_are_left_out(self) -> None:
+        """
+        Past the bound, Ollama gets the system prompt, the newest turn that
+        still fits and the new prompt; the older turns stay stored.
+        """
+        await self.prep(SYSTEM)
+        await self.stream(chat("q1"))
+        await self.stream(chat("q2"))
+        self.assertEqual(self.sent(), [("system", SYSTEM), ("user", "q1"), ("assistant", REPLY), ("user", "q2")])
+        await self.stream(chat("q3"))
+        self.assertEqual(self.sent(), [("system", SYSTEM), ("user", "q2"), ("assistant", REPLY), ("user", "q3")])
+        await self.stream(chat("q4"))
+        self.assertEqual(self.sent(), [("system", SYSTEM), ("user", "q3"), ("assistant", REPLY), ("user", "q4")])
+        self.assertEqual(len(self.server.rows(APP)), 9)
+
+    async def test_a_new_prompt_is_sent_whole(self) -> None:
+        """
+        A new prompt larger than the bound on its own is sent whole, with
+        the system prompt (which fits on its own), and nothing else.
+        """
+        await self.prep(SYSTEM)
+        await self.stream(chat("q1"))
+        long = "x" * BOUND
+        await self.stream(chat(long))
+        self.assertEqual(self.sent(), [("system", SYSTEM), ("user", long)])
+
+    async def test_a_system_prompt_past_the_bound_is_left_out(self) -> None:
+        """
+        A system prompt that does not fit in the bound on its own is not
+        sent at all (it stays stored): the system prompt is kept only while
+        it fits, else a client could pass the bound with system messages.
+        Another that fits, stored before it, is still sent.
+        """
+        big = "y" * BOUND
+        await self.prep(big)
+        await self.stream(chat("q1"))
+        self.assertEqual(self.sent(), [("user", "q1")])
+        response, _ = await self.server.post("/llmprep", {"appID": APP, "model": "llama3.2", "messages": [
+            {"role": "system", "content": SYSTEM}, {"role": "system", "content": big}]})
+        self.assertEqual(response.code, 200)
+        await self.stream(chat("q2"))
+        self.assertEqual(self.sent(), [("system", SYSTEM), ("user", "q2")])
+        self.assertEqual([m for _, m, _ in self.server.rows(APP)], [SYSTEM, big, "q2", REPLY])
 
 
 class LLMPromptTests(LLMTestCase):
