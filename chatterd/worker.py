@@ -39,7 +39,7 @@ from twisted.logger import (
     globalLogBeginner,
 )
 
-from chatterd import logs
+from chatterd import logs, workers
 from chatterd.logs import Logger
 
 log = Logger()
@@ -156,6 +156,19 @@ def main() -> None:
 
     orphan_check = LoopingCall(orphaned)
 
+    def backstop() -> None:
+        """
+        However a stop goes, the worker is gone ``--grace`` plus a margin
+        later (its parent would kill it then; an orphan has no parent).
+        """
+        def hard_exit() -> None:
+            log.error("worker {n}: still stopping {t:g} s after it began; exiting", n=number, t=limit)
+            out.flush()
+            os._exit(1)
+
+        limit = options["grace"] + workers.KILL_AFTER
+        reactor.callLater(limit, hard_exit)
+
     retire = Retirement(tree, reactor, spec["reload_grace"], stop)
     signal.signal(signal.SIGUSR2, lambda *_: reactor.callFromThread(retire))
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the parent reloads (a terminal's hangup reaches all)
@@ -163,6 +176,7 @@ def main() -> None:
     def start() -> None:
         tree.privilegedStartService()
         tree.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", backstop)
         reactor.addSystemEventTrigger("before", "shutdown", tree.stopService)
         orphan_check.start(ORPHAN_CHECK, now=False)
         store = _store(tree)

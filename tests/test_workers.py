@@ -183,6 +183,18 @@ class WorkerTests(TestCase):
         self.assertTrue(alive(pids[streaming]))
         self.assertEqual((await self.h2("/healthz")).status, 200)
 
+    async def test_workers_of_a_killed_parent_stop(self) -> None:
+        """
+        SIGKILL to the parent (nothing supervises the workers any more): each
+        worker notices within seconds, stops as at shutdown, and exits.
+        """
+        daemon = await self.start()
+        pids = self.serving(daemon)
+        daemon.process.kill()
+        await deferToThread(daemon.process.wait, 30)
+        await deferToThread(wait_for, lambda: not [p for p in pids.values() if alive(p)], "the orphans to exit", 30)
+        self.assertEqual(daemon.output().count("the parent process has gone; stopping"), 2)
+
     async def test_sigterm_drains_every_worker(self) -> None:
         """
         SIGTERM to the parent: each worker gives its running streams their
