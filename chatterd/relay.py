@@ -587,6 +587,8 @@ def ollama_said(error: OllamaHTTPError) -> str | None:
 
 #: The most of Ollama's own error text passed on to a client.
 MAX_OLLAMA_TEXT = 500
+#: How :func:`chatterd.ollama.parse_chat_line` words an error line: this, then Ollama's text.
+_OLLAMA_SAID = "Ollama: "
 
 
 def public_message(error: BaseException) -> str:
@@ -604,6 +606,10 @@ def public_message(error: BaseException) -> str:
         return "cannot reach Ollama (see chatterd's log)"
     if isinstance(error, OllamaBadLine):
         return error.public
+    if type(error) is OllamaError:
+        # Ollama's own {"error": ...} line mid-stream, "Ollama: <its text>":
+        # the text is passed on, as much of it as of an error answer
+        return str(error)[:len(_OLLAMA_SAID) + MAX_OLLAMA_TEXT]
     if isinstance(error, (OllamaError, StoreError, ValueError, ShuttingDown)):
         return str(error)
     log.failure("unexpected error in a stream", Failure(error))

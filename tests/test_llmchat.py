@@ -18,7 +18,7 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from chatterd.relay import RelayConfig, WriteBatcher
+from chatterd.relay import MAX_OLLAMA_TEXT, RelayConfig, WriteBatcher
 from chatterd.store import MESSAGE_OVERHEAD, PostgresChattStore
 from tests import harness
 from tests.harness import Chatterd, Stream, query
@@ -233,6 +233,16 @@ class ChatFailureTests(LLMTestCase):
         self.assertEqual(len(data_lines(s.body)), 2)
         self.assertEqual(read_as_phone(s.body).bubble.split("\n")[0], "Partial")
         self.assertEqual(self.server.rows(APP)[-1], ("assistant", "Partial", APP))
+
+    async def test_a_long_error_line_is_cut(self) -> None:
+        """
+        Ollama's error text mid-stream reaches the client cut to
+        MAX_OLLAMA_TEXT characters, as that of an error answer does.
+        """
+        self.emulator.models["fails"] = Behaviour(reply=["Par", "tial"], error_after=1, error="é" * 5000)
+        s = await self.stream(chat(model="fails"))
+        message = await self.assertOneError(s, "Ollama: é")
+        self.assertEqual(message, "Ollama: " + "é" * MAX_OLLAMA_TEXT)
 
     async def test_line_that_is_not_json(self) -> None:
         """
