@@ -199,11 +199,17 @@ class ChatterChannel(http.HTTPChannel):
         self._retiring = True
         if self.requests:
             self.persistent = False  # requestDone closes after this answer
+            for request in self.requests:
+                if not request.startedWriting:  # say so, as the last answer
+                    request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         elif self._answered:
             self.transport.loseConnection()
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
-        return bool(super().checkPersistence(request, version)) and not self._retiring
+        if self._retiring:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def requestDone(self, request: Any) -> None:
         self._answered += 1

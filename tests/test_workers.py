@@ -360,3 +360,110 @@ class SingleProcessTests(TestCase):
         response = await treq.get(f"http://127.0.0.1:{port}/healthz", persistent=False)
         self.assertEqual(response.code, 200)
         self.assertEqual(daemon.stop(), 0)
+
+
+class RetireTests(TestCase):
+    """
+    A retiring worker's connections go once what they are doing is done
+    (``ChatterSite.retire``), on an in-memory transport.
+    """
+
+    def http11(self) -> tuple[Any, Any, Any]:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from chatterd.site import ChatterSite
+        from tests.test_http2 import Hello
+
+        site = ChatterSite(Hello(), clock=Clock(), max_body=1000)
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 1234))
+        protocol.makeConnection(transport)
+        return site, protocol, transport
+
+    def test_http11_idle_connection_goes_at_once(self) -> None:
+        """
+        HTTP/1.1 between requests: closed at once.
+        """
+        site, protocol, transport = self.http11()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"hello", transport.value())
+        self.assertFalse(transport.disconnecting)
+        site.retire()
+        self.assertTrue(transport.disconnecting)
+
+    def test_http11_request_in_progress_is_answered_then_closed(self) -> None:
+        """
+        HTTP/1.1 with a request arriving: it is answered in full (as the
+        last one: ``Connection: close``), then the connection closes.
+        """
+        site, protocol, transport = self.http11()
+        protocol.dataReceived(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n")
+        site.retire()
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"{}")
+        self.assertIn(b'{"got": 2}', transport.value())
+        self.assertIn(b"Connection: close", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_http11_fresh_connection_gets_its_first_answer(self) -> None:
+        """
+        A connection accepted just before the listeners closed has its
+        first request on the way: it is answered, then the connection closes.
+        """
+        site, protocol, transport = self.http11()
+        site.retire()
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIn(b"hello", transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_http2_goes_once_no_stream_is_open(self) -> None:
+        """
+        HTTP/2 with a stream open: no GOAWAY yet, and a stream opened
+        meanwhile is served; once the last ends, GOAWAY(NO_ERROR) and close.
+        """
+        import h2.events
+        from h2.errors import ErrorCodes
+
+        from tests.test_http2 import Client
+
+        c = Client(self)
+        slow = c.request(b"POST", body=b"{", end=False)
+        c.site.retire()
+        self.assertEqual(c.of(h2.events.ConnectionTerminated), [])
+        quick = c.request()
+        self.assertEqual((c.status(quick), c.body(quick)), (200, b"hello"))
+        self.assertFalse(c.transport.disconnecting)
+        c.h2.send_data(slow, b"}", end_stream=True)
+        c.send()
+        self.assertEqual((c.status(slow), c.body(slow)), (200, b'{"got": 2}'))
+        [goaway] = c.of(h2.events.ConnectionTerminated)
+        self.assertEqual((goaway.error_code, goaway.last_stream_id), (ErrorCodes.NO_ERROR, quick))
+        self.assertTrue(c.transport.disconnecting)
+
+    def test_http2_fresh_connection_gets_its_first_stream(self) -> None:
+        """
+        HTTP/2 before its first request: the request is served, then GOAWAY.
+        """
+        import h2.events
+
+        from tests.test_http2 import Client
+
+        c = Client(self)
+        c.site.retire()
+        self.assertFalse(c.transport.disconnecting)
+        sid = c.request()
+        self.assertEqual(c.status(sid), 200)
+        self.assertEqual(len(c.of(h2.events.ConnectionTerminated)), 1)
+        self.assertTrue(c.transport.disconnecting)
+
+    def test_a_closed_connection_is_forgotten(self) -> None:
+        """
+        The site counts open connections (a retiring worker waits for none).
+        """
+        site, protocol, transport = self.http11()
+        self.assertEqual(len(site.connections), 1)
+        protocol.connectionLost(None)
+        self.assertEqual(len(site.connections), 0)
