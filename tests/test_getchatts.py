@@ -15,7 +15,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from chatterd import web
-from chatterd.store import Chatt
+from chatterd.store import Chatt, StoreUnavailable
 from tests import pgcluster
 from tests.harness import Chatterd, query
 from tests.ollama_emulator import closed_port
@@ -33,15 +33,17 @@ INSERT INTO chatts (username, message, id, time) VALUES
 
 class _BreaksAfterFirstPage:
     """
-    A store whose pages after the first fail with an error no one expects.
+    A store whose pages after the first fail with ``error`` (by default an
+    error no one expects).
     """
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, error: Exception | None = None) -> None:
         self._store = store
+        self._error = error or RuntimeError("not a StoreError")
 
     def chatts_page(self, after: int, limit: int) -> Deferred[list[Chatt]]:
         if after:
-            return fail(RuntimeError("not a StoreError"))
+            return fail(self._error)
         return self._store.chatts_page(after, limit)  # type: ignore[no-any-return]
 
 
@@ -91,3 +93,25 @@ class GetChattsTests(TestCase):
         # (cut before or after the client has read the headers)
         await self.assertFailure(ensureDeferred(fetch()), ResponseFailed, ResponseNeverReceived)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    async def test_a_database_failure_part_way_cuts_the_array(self) -> None:
+        """
+        The database failing after the first page has been sent (a
+        StoreError) cuts the response too, and is logged as an error, not a
+        traceback; the first page alone answers a whole, clean array.
+        """
+        self.patch(web, "PAGE_ROWS", 2)
+        dsn = pgcluster.fresh_database()
+        query(dsn, COURSE_TABLE)
+        chatterd = await self.start(dsn)
+        chatterd.app.store = _BreaksAfterFirstPage(  # type: ignore[assignment]
+            chatterd.store, StoreUnavailable("the database is unavailable, try again shortly"))
+
+        async def fetch() -> bytes:
+            response = await chatterd.http.get(chatterd.url + "/getchatts")
+            return await treq.content(response)  # type: ignore[no-any-return]
+
+        await self.assertFailure(ensureDeferred(fetch()), ResponseFailed, ResponseNeverReceived)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.patch(web, "PAGE_ROWS", 5)  # everything in the first page: no second is read
+        self.assertEqual(len(json.loads(await fetch())), 3)
