@@ -31,9 +31,36 @@ def trial_arguments(argv: Sequence[str], cpus: int) -> list[str]:
     args = list(argv)
     if cpus > 1 and not any(a == "-j" or a.startswith(("-j", "--jobs")) for a in args):
         args = [f"--jobs={cpus}", *args]
-    if not any(not a.startswith("-") for a in args):
+    if not _names_tests(args):
         args.append("tests")
     return args
+
+
+def _names_tests(args: Sequence[str]) -> bool:
+    """
+    Whether ``args`` name something to run: an argument that is neither an
+    option nor the value of one given separately (``-j 1``, ``--reporter text``).
+    """
+    from twisted.scripts.trial import Options
+
+    options = Options()
+    takes_value = {"--" + o[:-1] for o in options.longOpt if o.endswith("=")}
+    takes_value |= {"-" + c for c, colon in zip(options.shortOpt, options.shortOpt[1:] + " ") if colon == ":" and c != ":"}
+    value_next = False
+    for i, a in enumerate(args):
+        if value_next:
+            value_next = False
+        elif a == "--":
+            return i + 1 < len(args)
+        elif a.startswith("--"):
+            name = a.split("=", 1)[0]
+            matches = {o for o in takes_value if o.startswith(name)}  # getopt takes a unique prefix
+            value_next = "=" not in a and (name in takes_value or len(matches) == 1)
+        elif a.startswith("-") and len(a) > 1:
+            value_next = a in takes_value  # "-j1" holds its value
+        else:
+            return True
+    return False
 
 
 def counts(output: str) -> dict[str, int] | None:

@@ -93,7 +93,7 @@ OFF = ["--max-streams", "8", "--max-client-streams", "0", "--max-client-connecti
 
 
 def tearDownModule() -> None:
-    """pytest calls this when the module is done (trial does not: then at exit)."""
+    """Stop the edge servers when the module is done (trial never calls this: they stop at exit)."""
     stop_all()
 
 

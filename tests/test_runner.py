@@ -34,6 +34,18 @@ class RunnerTests(SynchronousTestCase):
         self.assertEqual(run.trial_arguments(["--jobs=3"], 4), ["--jobs=3", "tests"])
         self.assertEqual(run.trial_arguments(["--random=0"], 2), ["--jobs=2", "--random=0", "tests"])
 
+    def test_an_option_value_given_separately_is_not_a_test_name(self) -> None:
+        """
+        ``-j 1`` or ``--reporter text`` name nothing to run: the whole suite
+        still runs; a name after them is what runs.
+        """
+        self.assertEqual(run.trial_arguments(["-j", "1"], 2), ["-j", "1", "tests"])
+        self.assertEqual(run.trial_arguments(["--reporter", "text"], 2), ["--jobs=2", "--reporter", "text", "tests"])
+        self.assertEqual(run.trial_arguments(["--rep", "text", "-x"], 1), ["--rep", "text", "-x", "tests"])
+        self.assertEqual(run.trial_arguments(["-j", "1", "tests.test_sse"], 2), ["-j", "1", "tests.test_sse"])
+        self.assertEqual(run.trial_arguments(["--reporter", "text", "-x", "tests.test_sse"], 1),
+                         ["--reporter", "text", "-x", "tests.test_sse"])
+
     def test_counts_from_trial_summary(self) -> None:
         """
         The plain line counts trial's successes, failures and errors, and
