@@ -89,6 +89,24 @@ def alive(pid: int) -> bool:
     return True
 
 
+def leave_after_first_frame(port: int, cafile: str, body: bytes) -> None:
+    """
+    POST a stream over HTTP/1.1 and TLS, read until its first frame, hang up.
+    """
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+        with tlsclient.context(cafile).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"POST /llmchat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            seen = b""
+            while b"data:" not in seen:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise AssertionError(f"the stream ended before its first frame: {seen!r}")
+                seen += chunk
+
+
 def chat(appid: str, model: str, content: str = "Hi") -> bytes:
     return json.dumps({"appID": appid, "model": model, "messages": [{"role": "user", "content": content}]}).encode()
 
@@ -280,6 +298,40 @@ class WorkerTests(TestCase):
         self.assertFalse(set(new.values()) & set(old.values()))
         self.assertEqual(query(self.dsn, "SELECT count(*) FROM chatts WHERE username = 'u'"),
                          [(sum(1 for line in output.splitlines() if "POST /postchatt 200" in line),)])
+
+    async def test_limits_heartbeats_and_leaving_hold_in_workers(self) -> None:
+        """
+        What one process does, each worker does: ``--max-streams`` (a total,
+        split between the workers) gives 503 with Retry-After past it; a
+        silent model gets heartbeats; a client that leaves closes Ollama's
+        request and its partial reply is stored.
+        """
+        await self.start("--max-streams", "2", "--heartbeat", "0.2")
+        self.emulator.models["held"] = Behaviour(reply=["Part", "ial"], stall_after=1)
+        replies = [self.h2("/llmchat", method="POST", body=chat(f"busy{i}", "held")) for i in range(3)]
+        await deferToThread(wait_for, lambda: len(self.emulator.requests) >= 2, "streams")
+        await deferToThread(time.sleep, 1.0)  # the third has had its answer by now
+        self.emulator.release()
+        done = await gatherResults(replies)
+        refused = [r for r in done if r.status == 503]
+        self.assertTrue(refused, "two workers of one stream each held three streams")
+        self.assertEqual(len(refused) + sum(r.status == 200 for r in done), 3)
+        self.assertEqual(refused[0].headers.get("retry-after"), "2")
+        self.assertIn("limit", json.loads(refused[0].body)["error"])
+
+        self.emulator.models["loading"] = Behaviour(first_byte_delay=0.7)
+        reply = await self.h2("/llmchat", method="POST", body=chat("beats", "loading"))
+        self.assertIn(b": ping", reply.body)
+        self.assertEqual(read_as_phone(reply.body).bubble, "Hello, world!")
+
+        self.emulator.models["endless"] = Behaviour(reply=[f"{i} " for i in range(200)], delay=0.05)
+        leaving = deferToThread(leave_after_first_frame, self.port, self.cafile, chat("gone", "endless"))
+        await leaving
+        self.assertEqual(await self.emulator.requests[-1].ended(), "client_left")
+        await deferToThread(wait_for, lambda: len(query(self.dsn, "SELECT 1 FROM chatts WHERE appid = 'gone'")) == 2,
+                            "the partial reply stored", 10)
+        [(reply_text,)] = query(self.dsn, "SELECT message FROM chatts WHERE appid = 'gone' AND username = 'assistant'")
+        self.assertTrue(reply_text.startswith("0 "), reply_text)
 
     async def test_an_appids_turns_are_ordered_across_workers(self) -> None:
         """
