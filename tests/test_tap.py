@@ -12,6 +12,8 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from chatterd import tap, tls
+from chatterd.relay import RelayConfig
+from chatterd.web import ReadinessResource
 
 
 def parse(*argv: str, environ: dict[str, str] | None = None) -> tap.Options:
@@ -120,6 +122,9 @@ class EnvironmentTests(SynchronousTestCase):
             "CHATTERD_DATABASE": "dbname=x user=y",
             "CHATTERD_DATA_DIR": "/d",
             "CHATTERD_HEARTBEAT": "3",
+            "CHATTERD_MAX_BODY": "2048",
+            "CHATTERD_METRICS": "tcp:9100:interface=127.0.0.1",
+            "CHATTERD_LOG_FORMAT": "json",
             "CHATTERD_ARGS": "--cert-name 1.2.3.4",
         })
         o = parse(*argv)
@@ -127,6 +132,7 @@ class EnvironmentTests(SynchronousTestCase):
         self.assertEqual((o["certs"], o["ollama"], o["database"], o["data-dir"], o["heartbeat"]),
                          ("/c", ["http://o:1"], "dbname=x user=y", "/d", 3.0))
         self.assertEqual(o["cert-name"], ["1.2.3.4"])
+        self.assertEqual((o["max-body"], o["metrics"], o["log-format"]), (2048, "tcp:9100:interface=127.0.0.1", "json"))
 
     def test_empty_environment(self) -> None:
         """
@@ -152,6 +158,48 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([(p[0], p[3]) for p in reactor.tcpServers], [(8080, "127.0.0.1")])
         [sequential] = service
         self.assertEqual([s.name for s in sequential][:4], ["store", None, "ollama", "streams"])
+        self.flushLoggedErrors()
+
+    def metrics_readyz(self, *argv: str) -> ReadinessResource:
+        """
+        The ``/readyz`` of the ``--metrics`` listener (tcp:9100) of a service
+        made with ``argv``.
+        """
+        reactor = MemoryReactorClock()
+        o = parse("--database", "host=/nonexistent dbname=x", "--listen", "tcp:8080:interface=127.0.0.1",
+                  "--metrics", "tcp:9100:interface=127.0.0.1", *argv)
+        self.service = tap.makeService(o, reactor=reactor)
+        self.service.privilegedStartService()
+        [site] = [p[1] for p in reactor.tcpServers if p[0] == 9100]
+        readyz = site.resource.children[b"readyz"]
+        self.assertIsInstance(readyz, ReadinessResource)
+        return readyz  # type: ignore[no-any-return]
+
+    def test_the_metrics_listener_has_the_whole_readyz(self) -> None:
+        """
+        --metrics serves, beside /metrics, the /readyz with the whole story
+        (``tests.test_operations.HealthTests`` checks what it says) of the
+        app that serves --listen: its store, its Ollama servers.
+        """
+        readyz = self.metrics_readyz()
+        [sequential] = self.service
+        services = {s.name: s for s in sequential if s.name}
+        self.assertIs(readyz._app.store, services["store"])
+        self.assertIs(readyz._app.ollama, services["ollama"])
+        self.flushLoggedErrors()
+
+    def test_max_reply_reaches_the_relay(self) -> None:
+        """
+        --max-reply BYTES parses (a positive integer, 4 MiB by default) and
+        is the relay's limit.
+        """
+        self.assertEqual(parse()["max-reply"], 4 * 1024 * 1024)
+        self.assertEqual(parse("--max-reply", "1000")["max-reply"], 1000)
+        for value in ("0", "-1", "x", "1.5"):
+            self.assertRaises(usage.UsageError, parse, "--max-reply", value)
+        config: RelayConfig = self.metrics_readyz("--max-reply", "1000")._app.relaying.config
+        self.assertEqual(config.max_reply, 1000)
+        self.assertEqual(self.metrics_readyz()._app.relaying.config.max_reply, 4 * 1024 * 1024)
         self.flushLoggedErrors()
 
     def test_tcp_only_needs_no_certificate(self) -> None:
