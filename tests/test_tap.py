@@ -170,6 +170,7 @@ class MakeServiceTests(SynchronousTestCase):
                   "--metrics", "tcp:9100:interface=127.0.0.1", *argv)
         self.service = tap.makeService(o, reactor=reactor)
         self.service.privilegedStartService()
+        self.service_reactor = reactor
         [site] = [p[1] for p in reactor.tcpServers if p[0] == 9100]
         readyz = site.resource.children[b"readyz"]
         self.assertIsInstance(readyz, ReadinessResource)
@@ -200,6 +201,35 @@ class MakeServiceTests(SynchronousTestCase):
         config: RelayConfig = self.metrics_readyz("--max-reply", "1000")._app.relaying.config
         self.assertEqual(config.max_reply, 1000)
         self.assertEqual(self.metrics_readyz()._app.relaying.config.max_reply, 4 * 1024 * 1024)
+        self.flushLoggedErrors()
+
+    def test_each_option_reaches_its_component(self) -> None:
+        """
+        Every option makeService passes on is found, with its value, on the
+        component of the tree that uses it.
+        """
+        readyz = self.metrics_readyz(
+            "--ollama", "http://o1:1", "--ollama", "http://o2:2",
+            "--db-pool-size", "7", "--db-wait", "3.5", "--max-history", "1234",
+            "--max-streams", "40", "--max-client-streams", "6", "--grace", "4.5", "--lock-wait", "8.5",
+            "--heartbeat", "2.5", "--first-byte-timeout", "11", "--stall-timeout", "12", "--max-reply", "999",
+            "--max-body", "4321", "--request-timeout", "13", "--idle-timeout", "14",
+            "--tags-refresh", "15", "--log-content",
+        )
+        [sequential] = self.service
+        services = {s.name: s for s in sequential if s.name}
+        store, streams, ollama = services["store"], services["streams"], services["ollama"]
+        self.assertEqual((store._pool_size, store._acquire_timeout, store._max_history), (7, 3.5, 1234))
+        self.assertEqual((streams.max_streams, streams.per_client.limit, streams.grace, streams.lock_wait),
+                         (40, 6, 4.5, 8.5))
+        self.assertEqual(readyz._app.relaying.config, RelayConfig(
+            heartbeat=2.5, first_byte_timeout=11, stall_timeout=12, max_reply=999))
+        self.assertEqual([s.url for s in ollama.servers], ["http://o1:1", "http://o2:2"])
+        self.assertEqual(ollama._refresh, 15)
+        self.assertTrue(readyz._app.log_content)
+        [site] = [p[1] for p in self.service_reactor.tcpServers if p[0] == 8080]
+        self.assertEqual((site.max_body, site.request_timeout, site.timeOut), (4321, 13, 14))
+        self.assertFalse(self.metrics_readyz()._app.log_content)
         self.flushLoggedErrors()
 
     def test_tcp_only_needs_no_certificate(self) -> None:
