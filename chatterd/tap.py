@@ -167,7 +167,7 @@ class Options(usage.Options):
          "Most connections one client address may hold; more are closed at accept (0: no limit).",
          _limit("max-client-connections")],
         ["max-client-streams", None, None,
-         "Most /llmchat and /llmprompt streams one client address may hold; more get 503 "
+         "Most /llmchat, /llmprompt and /llmprep streams one client address may hold; more get 503 "
          "(0: no limit) [default: a quarter of --max-streams].",
          _limit("max-client-streams")],
         ["lock-wait", None, 300.0,

@@ -198,6 +198,33 @@ class PrepAdmissionTests(HardeningTestCase):
         self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Hello, world!"])
 
 
+class PrepPerClientTests(HardeningTestCase):
+    streams = {"max_streams": 10, "max_client_streams": 1}
+
+    async def test_llmprep_counts_against_the_per_client_limit(self) -> None:
+        """
+        /llmprep takes a stream's place of its client address too: past
+        --max-client-streams it gets 503 (Retry-After: 5), nothing replaced,
+        and the refusal is counted; once the address's stream ends, it is taken.
+        """
+        self.emulator.models["stall"] = Behaviour(stall_after=1)
+        held = await self.server.open("/llmchat", chat(model="stall"))
+        await self.emulator.when_stalled()
+        response, body = await self.server.post("/llmprep", chat("be brief", appid="other"))
+        self.assertEqual(response.code, 503, body)
+        self.assertEqual(response.headers.getRawHeaders(b"retry-after"), [b"5"])
+        self.assertIn("this address already has 1 streams open", json.loads(body)["error"])
+        self.assertEqual(self.server.rows("other"), [])
+        refusals = self.server.metrics.registry.get_sample_value(
+            "chatterd_client_limit_refusals_total", {"limit": "streams"})
+        self.assertEqual(refusals, 1)
+        self.emulator.release()
+        await held.done
+        response, _ = await self.server.post("/llmprep", chat("be brief", appid="other"))
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.server.rows("other"), [("user", "be brief", "other")])
+
+
 class PrepShutdownTests(HardeningTestCase):
     streams = {"grace": 0.3}
 

@@ -25,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatterd import logs
 from chatterd.metrics import route_of
+from chatterd.web import ReadinessResource
 from tests import pgcluster
 from tests.harness import Chatterd, query
 from tests.ollama_emulator import Behaviour, OllamaEmulator, closed_port, start_emulator
@@ -173,6 +174,32 @@ class HealthTests(OperationsTestCase):
         self.assertTrue(details["ollama"][self.emulator.url].startswith("down: "))
         [line] = [formatEvent(e) for e in self.events if "readiness: not ready" in formatEvent(e)]
         self.assertIn(self.emulator.url, line)
+
+    async def test_the_metrics_listener_says_why(self) -> None:
+        """
+        The public /readyz names only what is down; the --metrics listener's
+        /readyz (as ``chatterd.tap`` serves it, for operators only) says
+        which Ollama server and why.
+        """
+        site = self.server.metrics.site({b"readyz": ReadinessResource(self.server.app)})
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        metrics = f"http://127.0.0.1:{port.getHost().port}/readyz"
+        response = await treq.get(metrics, persistent=False)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(await treq.content(response)),
+                         {"status": "ready", "database": "ok", "ollama": {self.emulator.url: "ok"}})
+        await self.emulator.stop()
+        response, public = await self.server.get("/readyz")
+        self.assertEqual((response.code, json.loads(public)), (503, {"status": "not ready", "database": "ok", "ollama": "down"}))
+        response = await treq.get(metrics, persistent=False)
+        details = json.loads(await treq.content(response))
+        self.assertEqual(response.code, 503)
+        self.assertEqual((details["status"], details["database"], list(details["ollama"])),
+                         ("not ready", "ok", [self.emulator.url]))
+        why = details["ollama"][self.emulator.url]
+        self.assertTrue(why.startswith("down: ") and len(why) > len("down: "), why)
+        self.assertNotIn(why[len("down: "):].encode(), public)
 
     async def test_a_client_leaving_is_not_a_database_failure(self) -> None:
         """
