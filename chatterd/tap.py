@@ -150,7 +150,7 @@ class Options(usage.Options):
          "that fit in what is left (older rows stay stored).",
          _positive(int, "max-history")],
         ["db-pool-size", None, 4, "Database connections.", _positive(int, "db-pool-size")],
-        ["db-wait", None, 10.0, "Seconds a request waits for a free database connection.",
+        ["db-wait", None, 10.0, "Seconds a request waits for a free database connection, then for each answer.",
          _positive(float, "db-wait")],
         ["connect-timeout", None, 10.0, "Seconds to wait for a connection to Ollama.",
          _positive(float, "connect-timeout")],
