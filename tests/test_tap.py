@@ -5,14 +5,21 @@ The command line (``Options``), the .tac's environment, and the service tree
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import reactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatterd import tap, tls
+from chatterd.clients import AdmittingFactory
+from chatterd.eager import EagerPort
 from chatterd.relay import RelayConfig
+from chatterd.site import ChatterSite
 from chatterd.web import ReadinessResource
 
 
@@ -247,3 +254,49 @@ class MakeServiceTests(SynchronousTestCase):
         """
         o = parse("--database", "dbname=x", "--certs", self.mktemp(), "--listen", "ssl:443:bogus=1")
         self.assertRaises(usage.UsageError, tap.makeService, o, MemoryReactorClock())
+
+
+class ListenerLimitTests(TestCase):
+    """
+    ``--max-client-connections`` sits in the listening port, which only a
+    real reactor makes (on a fake one the ports are the reactor's own).
+    """
+
+    def listening_ports(self, *argv: str) -> list[Any]:
+        """
+        The ports of a service made with ``argv`` on the real reactor, two
+        ``tcp:0`` listeners of 127.0.0.1, bound (then closed at cleanup).
+        """
+        o = parse("--database", "host=/nonexistent dbname=x", "--listen", "tcp:0:interface=127.0.0.1",
+                  "--listen", "tcp:0:interface=127.0.0.1", *argv)
+        service = tap.makeService(o, reactor=reactor)
+
+        def walk(s: Any) -> Iterator[Any]:
+            yield s
+            for child in getattr(s, "services", []):
+                yield from walk(child)
+
+        listeners = [s for s in walk(service) if isinstance(s, StreamServerEndpointService)]
+        ports: list[Any] = []
+        for listener in listeners:
+            listener.privilegedStartService()
+            self.addCleanup(listener.stopService)
+            listener._waitingForPort.addCallback(lambda port: ports.append(port) or port)
+        self.assertEqual(len(ports), 2)
+        return ports
+
+    def test_max_client_connections_reaches_every_port(self) -> None:
+        """
+        Every listening port admits its connections through one
+        ``ConnectionLimit`` holding the option's value (default 1024).
+        """
+        ports = self.listening_ports("--max-client-connections", "5")
+        for port in ports:
+            self.assertIsInstance(port, EagerPort)
+            self.assertIsInstance(port.factory, AdmittingFactory)
+            self.assertIs(port.factory.limit, port.limit)
+            self.assertEqual(port.limit.counts.limit, 5)
+            self.assertIsInstance(port.factory._factory, ChatterSite)
+        self.assertIs(ports[0].limit, ports[1].limit)  # one count across listeners
+        [default] = {port.limit.counts.limit for port in self.listening_ports()}
+        self.assertEqual(default, 1024)
