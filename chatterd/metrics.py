@@ -147,18 +147,17 @@ class Metrics:
         """
         return site(self.registry, extra)
 
-    def stream_ended(self, route: str, relay: Any) -> None:
+    def stream_ended(self, route: str, relay: Any, ending: Any) -> None:
         """
-        Count what a finished stream did.
+        Count what a finished stream did and how it ended (a relay's ``Ending``).
         """
-        self.streams.labels(route, relay.outcome).inc()
+        self.streams.labels(route, ending.outcome).inc()
         self.frames.inc(relay.frames)
         if relay.first_byte_at is not None:
             self.first_byte.observe(relay.first_byte_at - relay.started_at)
-        if relay.outcome == "client left":
+        if ending.outcome == "client left":
             self.client_disconnects.inc()
-        kind = relay.error_kind
-        if kind == "database":
+        if ending.counted == "database":
             self.database_errors.labels("reply_insert").inc()
-        elif kind not in (None, "shutdown", "internal"):
-            self.ollama_errors.labels(kind).inc()
+        elif ending.counted == "ollama":
+            self.ollama_errors.labels(ending.kind).inc()

@@ -45,6 +45,7 @@ from chatterd.ollama import (
 )
 from chatterd.store import IChattStore, StoreError
 from chatterd.streams import ShuttingDown
+from chatterd.writing import WriteBatcher
 
 log = Logger()
 T = TypeVar("T")
@@ -105,67 +106,52 @@ class OllamaTimeout(OllamaError):
     kind = "timeout"
 
 
-def error_kind(error: BaseException) -> str:
+@dataclass(frozen=True)
+class Ending:
     """
-    A short name for what ended a stream, for metrics and logs.
+    How a stream ended: set once, by the relay, and only read after.
+
+    :ivar outcome: ``done``, ``error`` or ``client left`` (the metrics' label).
+    :ivar kind: for an error, a short name of what failed (metrics, logs).
+    :ivar detail: for an error, the whole story, for chatterd's log only.
+    :ivar message: for an error, what the client was told.
+    :ivar counted: which error counter it adds to: ``ollama``, ``database``
+        or ``None`` (shutting down, or chatterd's own fault).
     """
+
+    outcome: str
+    kind: str | None = None
+    detail: str | None = None
+    message: str | None = None
+    counted: str | None = None
+
+
+DONE = Ending("done")
+CLIENT_LEFT = Ending("client left")
+
+
+def ending_of(error: BaseException) -> Ending:
+    """
+    The ending of a stream that ``error`` ended: the one place that says what
+    each kind of failure is called, counted as, and told to the client.
+    """
+    kind: str
+    counted: str | None
     if isinstance(error, OllamaError):
-        return error.kind
-    if isinstance(error, StoreError):
-        return "database"
-    if isinstance(error, ShuttingDown):
-        return "shutdown"
-    if isinstance(error, ValueError):
-        return "bad_line"
-    return "internal"
+        kind, counted = error.kind, "ollama"
+    elif isinstance(error, StoreError):
+        kind, counted = "database", "database"
+    elif isinstance(error, ShuttingDown):
+        kind, counted = "shutdown", None
+    elif isinstance(error, ValueError):  # a line that cannot be read (LineTooLong)
+        kind, counted = "bad_line", "ollama"
+    else:
+        kind, counted = "internal", None
+    return Ending("error", kind, detail(error), public_message(error), counted)
 
 
-class WriteBatcher:
-    """
-    Gathers what the streams write during one pass of the reactor and writes
-    it once per request at the end of the pass.
-
-    Ollama's lines arrive one callback each, often many per network read;
-    written one by one, each would cost a chunk header (HTTP/1.1) or a DATA
-    frame (HTTP/2) and the transport's bookkeeping.  A transport sends only
-    on the reactor's next pass anyway, so gathering until the end of this
-    one delays nothing.  One batcher serves every stream: at most one timer
-    per pass, not one per frame.
-    """
-
-    def __init__(self, clock: IReactorTime) -> None:
-        self._clock = clock
-        self._pending: dict[IRequest, list[bytes]] = {}
-        self._call: IDelayedCall | None = None
-
-    def write(self, request: IRequest, data: bytes) -> None:
-        parts = self._pending.get(request)
-        if parts is not None:
-            parts.append(data)
-            return
-        self._pending[request] = [data]
-        if self._call is None:
-            self._call = self._clock.callLater(0, self._flush_all)
-
-    def flush(self, request: IRequest) -> None:
-        """
-        Write what ``request`` has pending now (before it is finished).
-        """
-        parts = self._pending.pop(request, None)
-        if parts is not None:
-            request.write(b"".join(parts))
-        if not self._pending and self._call is not None:
-            self._call.cancel()
-            self._call = None
-
-    def _flush_all(self) -> None:
-        self._call = None
-        pending, self._pending = self._pending, {}
-        for request, parts in pending.items():
-            try:
-                request.write(parts[0] if len(parts) == 1 else b"".join(parts))
-            except Exception:  # that request's own trouble: the others' frames still go
-                log.failure("a stream's write failed; the other streams' writes go on")
+#: How a stream that an exception escaped (a bug) is reported.
+FAILED = Ending("error", "internal", counted=None)
 
 
 @dataclass(frozen=True)
@@ -187,10 +173,8 @@ class _Relay:
     the upstream watchdog, flow control, and noticing a client that left.
     """
 
-    outcome = "running"
-    error_kind: str | None = None
-    #: the whole description of what ended it (for the log; the client gets less)
-    error_detail: str | None = None
+    #: how it ended, once it has (see :class:`Ending`)
+    ending: Ending | None = None
     #: How a stream that stops short is reported (the two routes word it apart).
     _broke_off = "Ollama's stream broke off"
     _ended_early = "Ollama's stream ended before its last line (truncated)"
@@ -220,6 +204,14 @@ class _Relay:
 
     def _left(self, _: Failure) -> None:
         self.client_left = True
+
+    def _finish(self, ending: Ending) -> Ending:
+        """
+        Say how the stream ended: once.
+        """
+        assert self.ending is None, f"{self.ending} already, then {ending}"
+        self.ending = ending
+        return ending
 
     # --- aborting ---
 
@@ -337,8 +329,11 @@ class _Relay:
         rest = self._splitter.flush()
         if rest:
             self._on_line(rest)  # a last line without "\n" (stream: false)
-        if not (self.done or self.error_kind):
+        if not (self.done or self._ollama_said_error):
             raise Truncated(self._ended_early)
+
+    #: whether Ollama's own ``{"error": ...}`` line was passed through (``/llmprompt``)
+    _ollama_said_error = False
 
     def _end(self) -> None:
         """
@@ -369,7 +364,7 @@ class ChatRelay(_Relay):
         self._reply_left = relaying.config.max_reply
         self._heartbeat: IDelayedCall | None = None
         self._last_write = 0.0
-        self.turn_ended = False
+        self._turn_over = False
 
     # --- writing ---
 
@@ -421,17 +416,27 @@ class ChatRelay(_Relay):
         received.
         """
         request = self._request
-        request.setResponseCode(200)
-        for name, value in SSE_HEADERS.items():
-            request.setHeader(name, value)
-        self._write(b"")  # send the headers now: the phone sees the 200 at once
-        self._heartbeat = self._clock.callLater(self._config.heartbeat, self._beat)
         try:
+            request.setResponseCode(200)
+            for name, value in SSE_HEADERS.items():
+                request.setHeader(name, value)
+            self._write(b"")  # send the headers now: the phone sees the 200 at once
+            self._heartbeat = self._clock.callLater(self._config.heartbeat, self._beat)
             await self._stream(body)
+        except BaseException:
+            if self.ending is None:  # chatterd's own failure (a bug): the turn still ends
+                self._stop_timers()
+                await self._end_turn()
+                self._finish(FAILED)
+            raise
         finally:
             self._writer.flush(request)  # before Klein finishes the request
 
     async def _stream(self, body: bytes) -> None:
+        """
+        Relay, then end the appID's turn (storing what came) and say how the
+        stream ended, whatever happens; a client that left is re-raised.
+        """
         error: BaseException | None = None
         try:
             try:
@@ -439,48 +444,47 @@ class ChatRelay(_Relay):
             except CancelledError:
                 self._check_abort()
         except CancelledError:
-            self.outcome = "client left"
             self._stop_timers()
-            await self._end_turn(report=False)
+            await self._end_turn()
+            self._finish(CLIENT_LEFT)
             raise
         except Exception as e:
             if not self.done:  # a failure after "done" changes nothing for the phone
                 error = e
         self._stop_timers()
-        if self.client_left:
-            self.outcome = "client left"
-        elif error is not None:
-            self.outcome = "error"
-            self.error_kind = error_kind(error)
-            self.error_detail = detail(error)
-            self._write(sse.error_frame(public_message(error)))
-        else:
-            self.outcome = "done"
-        await self._end_turn(report=error is None)
+        ending = CLIENT_LEFT if self.client_left else DONE if error is None else ending_of(error)
+        if ending.message is not None:
+            self._write(sse.error_frame(ending.message))
+        failed = await self._end_turn()
+        if failed is not None and ending.outcome != "error":
+            stored = ending_of(failed)
+            ending = Ending("error", stored.kind, stored.detail, f"the reply could not be stored: {stored.message}",
+                            stored.counted)
+            self._write(sse.error_frame(ending.message or ""))
+        self._finish(ending)
 
-    async def _end_turn(self, *, report: bool) -> None:
+    async def _end_turn(self) -> BaseException | None:
         """
         Store the reply and end the appID's turn.  The reply is stored always
         after ``done``, otherwise only if some of it arrived (the history then
         shows what the user saw).
 
-        :param report: write an error frame if storing fails.
+        :returns: why storing failed, or ``None``.
         """
+        if self._turn_over:
+            return None
+        self._turn_over = True
         reply = self.reply if (self.done or self._reply) else None
-        self.turn_ended = True
         try:
             await self._store.end_turn(self._appid, reply)
         except CancelledError:
             # The phone hung up while the reply was being stored (common right
             # after "done"): the write goes on (the store shields it); nothing failed.
-            raise
+            return None
         except Exception as e:  # StoreError, or a bug: either way the stream must end cleanly
             log.error("could not store the reply for {appid}: {e}", appid=self._appid, e=detail(e))
-            if report:
-                self.outcome = "error"
-                self.error_kind = "database"
-                self.error_detail = detail(e)
-                self._write(sse.error_frame(f"the reply could not be stored: {public_message(e)}"))
+            return e
+        return None
 
     @property
     def reply(self) -> str:
@@ -520,7 +524,7 @@ class GenerateRelay(_Relay):
             return  # passed through as it came; the client parses it
         if isinstance(obj, dict):
             if "error" in obj:
-                self.error_kind = "error"  # Ollama's own error line, already relayed
+                self._ollama_said_error = True  # already relayed
             self.done = self.done or obj.get("done") is True
 
     async def _relay(self, body: bytes) -> bytes | None:
@@ -528,7 +532,7 @@ class GenerateRelay(_Relay):
         try:
             response = await self._open("/api/generate", body)
         except OllamaHTTPError as error:
-            self.error_kind, self.error_detail = error.kind, detail(error)
+            self._finish(ending_of(error))
             request.setResponseCode(error.status)
             if ollama_said(error) is None:  # not Ollama's own words: say only what happened
                 request.setHeader(b"content-type", b"application/json")
@@ -556,18 +560,23 @@ class GenerateRelay(_Relay):
             finally:
                 self._writer.flush(request)
         except CancelledError:
-            self.outcome = "client left"
+            self._finish(CLIENT_LEFT)
             raise
         except Exception as e:
-            self.outcome, self.error_kind, self.error_detail = "error", error_kind(e), detail(e)
+            ending = self._finish(ending_of(e))
             if not request.startedWriting:  # type: ignore[attr-defined]
                 raise
-            line = json.dumps({"error": public_message(e)}).encode()
+            line = json.dumps({"error": ending.message}).encode()
             request.write((b"" if self._ended_line else b"\n") + line + b"\n")
             return None
+        except BaseException:
+            self._finish(FAILED)
+            raise
         finally:
             self._end()
-        self.outcome = "error" if self.error_kind else "done"
+        if self.ending is None:  # not Ollama's error answer
+            self._finish(Ending("error", "error", "Ollama's own error line", counted="ollama")
+                         if self._ollama_said_error else DONE)
         return answer
 
 

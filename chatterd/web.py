@@ -15,14 +15,13 @@ import json
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import HTTPException
-from zope.interface import implementer
 
 from chatterd import api
 from chatterd.api import ClientError
@@ -31,18 +30,19 @@ from chatterd.logs import Logger, info_line
 from chatterd.metrics import Metrics
 from chatterd.ollama import OllamaError
 from chatterd.relay import (
+    FAILED,
     ChatRelay,
     GenerateRelay,
     OllamaTimeout,
     RelayConfig,
     Relaying,
-    WriteBatcher,
     detail,
     public_message,
 )
 from chatterd.site import json_body
 from chatterd.store import IChattStore, StoreError
 from chatterd.streams import Busy, Streams
+from chatterd.writing import FlowControl, WriteBatcher, abort_response
 
 log = Logger()
 
@@ -65,60 +65,6 @@ def read_body(request: IRequest) -> bytes:
         raise ClientError(413, f"the body is larger than {content.limit} bytes")
     content.seek(0)
     return content.read()
-
-
-def abort_response(request: IRequest) -> None:
-    """
-    Cut a response short so that the client sees it is incomplete: reset the
-    HTTP/2 stream, or abort the HTTP/1.1 connection (no last chunk is sent).
-    """
-    channel = request.channel  # type: ignore[attr-defined]
-    if channel is None:
-        return
-    if hasattr(channel, "abortConnection"):  # an HTTP/2 stream
-        channel.abortConnection()
-    else:
-        channel.transport.abortConnection()
-
-
-@implementer(IPushProducer)
-class FlowControl:
-    """
-    Tracks whether a request's connection wants more data: register it as
-    the request's producer and ``await wait()`` before producing more.
-    """
-
-    def __init__(self, request: IRequest) -> None:
-        self._request = request
-        self._paused = False
-        self._waiting: list[Deferred[None]] = []
-        request.registerProducer(self, True)
-
-    def wait(self) -> Deferred[None]:
-        """
-        Fires when the connection can take more (at once if it can now).
-        """
-        if not self._paused:
-            return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
-        return d
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.resumeProducing()  # the request is gone; its writes are now dropped
-
-    def unregister(self) -> None:
-        if getattr(self._request, "channel", None) is not None:
-            self._request.unregisterProducer()
 
 
 def _servers_state(servers: dict[str, str]) -> str:
@@ -349,10 +295,8 @@ class ChatterApp:
             relay = ChatRelay(request, self.relaying, appid=chat.appid, model=chat.model, store=self.store)
             slot.stream = relay
             try:
-                await relay.run(chat.ollama_body(history))
+                await relay.run(chat.ollama_body(history))  # ends the turn, however it goes
             finally:
-                if not relay.turn_ended:  # only if the relay failed before its end (a bug)
-                    await self.store.end_turn(chat.appid, relay.reply or None)
                 content = {"prompt": json.dumps(chat.messages), "reply": relay.reply} if self.log_content else {}
                 self._stream_ended("/llmchat", relay, appid=chat.appid, model=chat.model, **content)
 
@@ -374,13 +318,12 @@ class ChatterApp:
         """
         One log line and the metrics for a stream that ended, however it ended.
         """
-        if relay.outcome == "running":  # an exception escaped the relay: a bug
-            relay.outcome, relay.error_kind = "error", "internal"
-        self.metrics.stream_ended(route, relay)
+        ending = relay.ending or FAILED  # none: an exception escaped the relay (a bug)
+        self.metrics.stream_ended(route, relay, ending)
         duration_ms = (self.clock.seconds() - relay.started_at) * 1000
-        text = f"{route} stream {relay.outcome}"
-        if relay.error_kind:
-            text += f" ({relay.error_kind}: {relay.error_detail})" if relay.error_detail else f" ({relay.error_kind})"
+        text = f"{route} stream {ending.outcome}"
+        if ending.kind:
+            text += f" ({ending.kind}: {ending.detail})" if ending.detail else f" ({ending.kind})"
         text += ": "
         if "appid" in fields:
             text += f"appID {fields['appid']}, "
@@ -391,9 +334,9 @@ class ChatterApp:
             log,
             text,
             route=route,
-            outcome=relay.outcome,
-            error_kind=relay.error_kind,
-            error=relay.error_detail,
+            outcome=ending.outcome,
+            error_kind=ending.kind,
+            error=ending.detail,
             frames=relay.frames,
             bytes=relay.bytes,
             duration_ms=duration_ms,

@@ -18,7 +18,8 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from chatterd.relay import MAX_OLLAMA_TEXT, RelayConfig, WriteBatcher
+from chatterd.relay import MAX_OLLAMA_TEXT, RelayConfig
+from chatterd.writing import WriteBatcher
 from chatterd.store import MESSAGE_OVERHEAD, PostgresChattStore
 from tests import harness
 from tests.harness import Chatterd, Stream, query
@@ -656,3 +657,40 @@ class PhoneParserTests(TestCase):
                              b'event: error\ndata: {"error": "boom"}\n\n')
         self.assertEqual(view.bubble, 'Hi\n\n**llmChat Error**: {"error": "boom"}\n\n')
         self.assertEqual((view.errors, view.comments), (['{"error": "boom"}'], 1))
+
+
+class EndingTests(SynchronousTestCase):
+    """
+    ``ending_of``: the one place that says how each failure ends a stream.
+    """
+
+    def test_each_failure_has_one_ending(self) -> None:
+        from chatterd.ollama import OllamaHTTPError, OllamaUnreachable
+        from chatterd.relay import OllamaTimeout, Truncated, ending_of
+        from chatterd.sse import LineTooLong
+        from chatterd.store import StoreUnavailable
+        from chatterd.streams import ShuttingDown
+
+        cases = {
+            OllamaTimeout("Ollama did not answer for 300 s"): ("timeout", "ollama"),
+            Truncated("Ollama's stream broke off", "connection reset"): ("truncated", "ollama"),
+            OllamaUnreachable("cannot connect to 10.0.0.5:11434"): ("unreachable", "ollama"),
+            OllamaHTTPError(500, b'{"error": "model crashed"}', b"application/json"): ("status", "ollama"),
+            StoreUnavailable("the database is unavailable"): ("database", "database"),
+            ShuttingDown("chatterd is shutting down"): ("shutdown", None),
+            LineTooLong("a line over 4 MiB"): ("bad_line", "ollama"),
+        }
+        for error, (kind, counted) in cases.items():
+            ending = ending_of(error)
+            self.assertEqual((ending.outcome, ending.kind, ending.counted), ("error", kind, counted), error)
+            self.assertTrue(ending.message and ending.detail, error)
+        self.assertNotIn("10.0.0.5", ending_of(OllamaUnreachable("cannot connect to 10.0.0.5:11434")).message)
+        self.assertIn("connection reset", ending_of(Truncated("broke off", "connection reset")).detail)
+
+    def test_a_bug_is_internal_and_says_nothing_of_itself(self) -> None:
+        from chatterd.relay import ending_of
+
+        ending = ending_of(RuntimeError("secret internals"))
+        self.assertEqual((ending.kind, ending.counted), ("internal", None))
+        self.assertNotIn("secret", ending.message)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # logged with its traceback
