@@ -10,7 +10,7 @@ totals when they end.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import os
 
@@ -22,6 +22,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from chatterd.logs import Logger
+
+if TYPE_CHECKING:
+    from chatterd.store import IChattStore
 
 log = Logger()
 
@@ -109,7 +112,7 @@ class Metrics:
         self.ollama_in_flight = Gauge("chatterd_ollama_in_flight", "Requests open to Ollama servers", registry=r, **live)
         self._reading: LoopingCall | None = None
 
-    def watch(self, *, streams: Any, store: Any, ollama: Any, clock: IReactorTime | None = None) -> None:
+    def watch(self, *, streams: Any, store: IChattStore, ollama: Any, clock: IReactorTime | None = None) -> None:
         """
         Read the gauges from their owners whenever metrics are scraped; in a
         worker (prometheus_client's multiprocess mode, where the parent
@@ -118,7 +121,7 @@ class Metrics:
         """
         readings = [
             (self.active_streams, lambda: streams.active),
-            (self.database_pool_in_use, lambda: store.pool.in_use if store.running else 0),
+            (self.database_pool_in_use, store.connections_in_use),
             (self.ollama_in_flight, lambda: ollama.in_flight),
         ]
         if not multiprocess():

@@ -161,6 +161,12 @@ class IChattStore(Interface):
         Run a trivial query: is the database there?
         """
 
+    def connections_in_use() -> int:
+        """
+        How many of the store's connections are serving a call now (for the
+        ``chatterd_database_pool_in_use`` gauge); 0 while it is not running.
+        """
+
 
 # --- SQL -------------------------------------------------------------------------
 
@@ -1094,6 +1100,10 @@ class PostgresChattStore(Service):
 
     def ping(self) -> Deferred[None]:
         return self._call("runQuery", "SELECT 1", {}).addCallback(lambda _: None)
+
+    def connections_in_use(self) -> int:
+        # the shared pool's only: a locker connection is held for a whole stream
+        return self._pool.in_use if self.running and self._pool is not None else 0
 
     # --- turns ---
 
