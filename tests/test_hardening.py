@@ -19,6 +19,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from chatterd import store
 from chatterd.relay import RelayConfig
 from chatterd.streams import Slot, Streams
 from tests import pgcluster
@@ -52,6 +53,21 @@ class HardeningTestCase(TestCase):
                 self.fail(f"timed out waiting for {what}")
             await deferLater(reactor, 0.02)
 
+    def lock_attempts(self, server: Chatterd) -> list[None]:
+        """
+        Grows by one each time ``server``'s store tries for an appID's lock.
+        """
+        attempts: list[None] = []
+        run = server.store._run
+
+        def counting(method: str, sql: str, *args: Any, **kwargs: Any) -> Any:
+            if sql == store._BEGIN_TURN:
+                attempts.append(None)
+            return run(method, sql, *args, **kwargs)
+
+        self.patch(server.store, "_run", counting)
+        return attempts
+
     def error_of(self, s: Stream) -> str:
         view = read_as_phone(s.body)
         self.assertEqual(len(view.errors), 1, s.body)
@@ -68,7 +84,8 @@ class OneConversationAtATimeTests(HardeningTestCase):
         first = await self.server.open("/llmchat", chat("one", model="stall"))
         await self.emulator.when_stalled()
         second = Deferred.fromCoroutine(self.server.open("/llmchat", chat("two")))
-        await deferLater(reactor, 0.3)
+        await self.until(lambda: any(slot.waiting for slot in self.server.streams._slots),
+                         "the second request to wait for its turn")
         self.assertEqual(len(self.emulator.requests), 1, "the second request did not wait")
         self.assertEqual(self.server.rows(APP), [("user", "one", APP)])
         self.emulator.release()
@@ -102,8 +119,9 @@ class OneConversationAtATimeTests(HardeningTestCase):
         self.emulator.models["stall"] = Behaviour(reply=["first"], stall_after=0)
         first = await self.server.open("/llmchat", chat("one", model="stall"))
         await self.emulator.when_stalled()
+        attempts = self.lock_attempts(other)
         second = Deferred.fromCoroutine(other.open("/llmchat", chat("two")))
-        await deferLater(reactor, 0.4)
+        await self.until(lambda: len(attempts) >= 2, "the other process to try for the lock twice")
         self.assertEqual(len(self.emulator.requests), 1, "the other process did not wait")
         self.emulator.release()
         await first.done
@@ -260,9 +278,9 @@ class PrepShutdownTests(HardeningTestCase):
         self.emulator.models["stall"] = Behaviour(stall_after=1)
         first = await other.open("/llmchat", chat("one", model="stall"))
         await self.emulator.when_stalled()
+        attempts = self.lock_attempts(self.server)
         waiting = Deferred.fromCoroutine(self.server.post("/llmprep", chat("be brief")))
-        await self.until(lambda: self.server.streams.active == 1, "/llmprep to wait")
-        await deferLater(reactor, 0.2)  # its attempts at the store's lock under way
+        await self.until(lambda: len(attempts) >= 2, "/llmprep to try for the store's lock twice")
         started = time.monotonic()
         await self.server.streams.stopService()
         response, body = await waiting
