@@ -42,15 +42,10 @@ from twisted.protocols import portforward
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from chatterd import pool as pool_module
 from chatterd import store as store_module
-from chatterd.store import (
-    NameNotResolved,
-    PostgresChattStore,
-    StoreUnavailable,
-    _names,
-    with_addresses,
-    with_keepalives,
-)
+from chatterd.pool import NameNotResolved, _names, with_addresses, with_keepalives
+from chatterd.store import PostgresChattStore, StoreUnavailable
 from tests import harness, pgcluster
 from tests.harness import Chatterd, query
 from tests.ollama_emulator import Behaviour, start_emulator
@@ -202,8 +197,8 @@ class ConnectCase(TestCase):
             return real(dsn, **kwargs)
 
         # (not self.patch: it would put back psycopg2.connect as a method of _Connection)
-        store_module._Connection.connectionFactory = staticmethod(connect)  # type: ignore[assignment]
-        self.addCleanup(delattr, store_module._Connection, "connectionFactory")
+        pool_module._Connection.connectionFactory = staticmethod(connect)  # type: ignore[assignment]
+        self.addCleanup(delattr, pool_module._Connection, "connectionFactory")
 
     def make_store(self, dsn: str, **kwargs: Any) -> PostgresChattStore:
         store = PostgresChattStore(dsn, reactor=reactor, **{"acquire_timeout": WAIT, "pool_size": 1, **kwargs})
