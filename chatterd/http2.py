@@ -310,6 +310,15 @@ class ChatterStream(H2Stream):
             self._stop(self._deadline)
             self._deadline = None
 
+    def abortConnection(self) -> None:
+        """
+        Cut the response short: reset the stream (``CANCEL``) and tell its
+        request that the client is gone, so that nothing finishes it later
+        (Twisted's own reset leaves the request to finish a stream that no
+        longer exists, which raises).
+        """
+        self._conn._reset(self, ErrorCodes.CANCEL, "the response was cut short")
+
     def ended(self) -> None:
         self.arrived()
         if self._stall is not None:

@@ -215,9 +215,8 @@ class InMemoryGetChattsTests(SynchronousTestCase):
         self.assertEqual(c.of(h2.events.StreamEnded, sid), [])
         self.assertFalse([f for f in c.frames() if f.stream_id == sid and "END_STREAM" in f.flags])
         self.assertEqual(c.of(h2.events.ConnectionTerminated), [])
-        # Klein's request.finish() after the reset raises KeyError in Twisted's
-        # H2Connection.endRequest (the stream is gone): a chatterd bug, reported.
-        self.flushLoggedErrors(KeyError)
+        # nothing finishes the reset stream later (Twisted's reset would leave
+        # Klein's finish() to raise KeyError, which would fail this test)
         store.error = None  # the next request is served whole, on the same connection
         again = c.request(path=b"/getchatts")
         self.assertEqual(len(json.loads(c.body(again))), 3)
