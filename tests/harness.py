@@ -1,6 +1,7 @@
 """
 A running chatterd for tests: the real store on a fresh database of the test
-cluster, the real Ollama client pointed at the emulator, the real site on a
+cluster (or, with ``memory=True``, the in-memory fake, for tests that are not
+about SQL), the real Ollama client pointed at the emulator, the real site on a
 real TCP port of 127.0.0.1, and a treq client to call it.
 """
 
@@ -25,6 +26,7 @@ from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
 from chatterd.store import PostgresChattStore
 from chatterd.streams import Streams
+from chatterd.testing import MemoryChattStore
 from chatterd.web import ChatterApp
 from tests import pgcluster
 
@@ -99,7 +101,8 @@ class Stream:
 
 class Chatterd:
     """
-    chatterd serving on ``url``, backed by database ``dsn``.
+    chatterd serving on ``url``, backed by database ``dsn`` (``None`` with
+    ``memory=True``: a :class:`MemoryChattStore` on the reactor).
     """
 
     def __init__(
@@ -115,13 +118,19 @@ class Chatterd:
         balancer: dict[str, Any] | None = None,  # may hold its own "clock"
         pool_size: int = 3,
         connect_timeout: float | None = None,
+        memory: bool = False,
     ) -> None:
         self.case = case
-        self.dsn = dsn or pgcluster.fresh_database()
         self.metrics = Metrics()
-        self.store = PostgresChattStore(
-            self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
-        )
+        self.store: PostgresChattStore | MemoryChattStore
+        if memory:
+            self.dsn = None
+            self.store = MemoryChattStore(reactor=reactor, on_error=self.metrics.database_error)
+        else:
+            self.dsn = dsn or pgcluster.fresh_database()
+            self.store = PostgresChattStore(
+                self.dsn, reactor=reactor, pool_size=pool_size, on_error=self.metrics.database_error
+            )
         self.streams = Streams(clock=reactor, **(streams or {}))
         upstream = http_client(reactor, HTTPConnectionPool(reactor, persistent=False), connect_timeout or 30.0)
         urls = [ollama] if isinstance(ollama, str) else ollama
@@ -181,6 +190,9 @@ class Chatterd:
         """
         ``(username, message, appid)`` of every row (or one appID's), in insertion order.
         """
+        if isinstance(self.store, MemoryChattStore):
+            return [r for r in self.store.rows if appid is ... or r[2] == appid]
+        assert self.dsn is not None
         if appid is ...:
             return query(self.dsn, "SELECT username, message, appid FROM chatts ORDER BY seq")
         return query(self.dsn, "SELECT username, message, appid FROM chatts WHERE appid = %s ORDER BY seq", (appid,))

@@ -47,6 +47,9 @@ def data_lines(body: bytes) -> list[bytes]:
 class LLMTestCase(TestCase):
     heartbeat = 15.0
     relay: RelayConfig | None = None
+    #: On the in-memory store: for tests not about SQL (turns, history cut,
+    #: failing writes stay on PostgreSQL).
+    memory = False
 
     def setUp(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._setUp())
@@ -54,7 +57,7 @@ class LLMTestCase(TestCase):
     async def _setUp(self) -> None:
         self.emulator: OllamaEmulator = await start_emulator(self)
         relay = self.relay or RelayConfig(heartbeat=self.heartbeat)
-        self.server = await Chatterd(self, ollama=self.emulator.url, relay=relay).start()
+        self.server = await Chatterd(self, ollama=self.emulator.url, relay=relay, memory=self.memory).start()
 
     async def stream(self, body: Any, path: str = "/llmchat") -> Stream:
         """
@@ -93,6 +96,8 @@ class LLMTestCase(TestCase):
 
 
 class ChatStreamTests(LLMTestCase):
+    memory = True
+
     async def test_frames_are_ollamas_lines(self) -> None:
         """
         Each Ollama line becomes one ``data:`` frame, unchanged and in order,
@@ -300,6 +305,7 @@ class ChatFailureTests(LLMTestCase):
 
 
 class ReplyLimitTests(LLMTestCase):
+    memory = True
     relay = RelayConfig(max_reply=1000)
 
     async def test_a_reply_past_the_limit_is_cut(self) -> None:
@@ -330,6 +336,7 @@ class ReplyLimitTests(LLMTestCase):
 
 
 class HeartbeatTests(LLMTestCase):
+    memory = True
     heartbeat = 0.1
 
     async def test_ping_during_a_stall(self) -> None:
@@ -415,6 +422,8 @@ class DisconnectTests(LLMTestCase):
 
 
 class ValidationTests(LLMTestCase):
+    memory = True
+
     async def test_bad_requests_store_nothing(self) -> None:
         """
         Every malformed /llmchat or /llmprep body is a 422 JSON error, nothing
@@ -549,6 +558,8 @@ class HistoryCutTests(LLMTestCase):
 
 
 class LLMPromptTests(LLMTestCase):
+    memory = True
+
     async def test_passthrough(self) -> None:
         """
         /llmprompt streams Ollama's /api/generate NDJSON back unchanged.

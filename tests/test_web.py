@@ -1,6 +1,8 @@
 """
-The Chatter APIs over real HTTP against a real database: ``/``, ``/getchatts``,
-``/postchatt``, JSON errors, body limits, the access log.
+The Chatter APIs over real HTTP: ``/``, ``/getchatts``, ``/postchatt``, JSON
+errors, body limits, the access log.  On the in-memory store (the store's
+contract is ``test_store_contract``'s), except what is about the database:
+text kept verbatim through SQL, and a database that is down.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tests.ollama_emulator import closed_port
 
 class ChatterAPITests(TestCase):
     def setUp(self) -> Deferred[Chatterd]:
-        self.server = Chatterd(self, ollama=f"http://127.0.0.1:{closed_port()}")
+        self.server = Chatterd(self, ollama=f"http://127.0.0.1:{closed_port()}", memory=True)
         return Deferred.fromCoroutine(self.server.start())
 
     async def test_index(self) -> None:
@@ -93,15 +95,6 @@ class ChatterAPITests(TestCase):
         response, body = await self.server.get("/getchatts/")
         self.assertEqual((response.code, len(json.loads(body))), (200, 1))
 
-    async def test_message_kept_verbatim(self) -> None:
-        """
-        Whitespace, quotes, SQL and non-ASCII text are stored exactly.
-        """
-        text = "  two\nlines\t'); DROP TABLE chatts;-- é 🐍  "
-        await self.server.post("/postchatt", {"username": "O'Brien", "message": text})
-        _, body = await self.server.get("/getchatts")
-        self.assertEqual(json.loads(body)[0][:2], ["O'Brien", text])
-
     async def assertRejected(self, body: bytes | object, status: int, words: str, path: str = "/postchatt") -> None:
         response, raw = await self.server.post(path, body)
         self.assertEqual(response.code, status, raw)
@@ -167,6 +160,23 @@ class ChatterAPITests(TestCase):
         self.assertEqual((event["method"], event["path"], event["status"]), ("GET", "/", 200))
         self.assertEqual(event["length"], len(b'"EECS Reactive chatterd"'))
         self.assertGreaterEqual(event["duration_ms"], 0)
+
+
+class DatabaseTests(TestCase):
+    """
+    Through the real database.
+    """
+
+    async def test_message_kept_verbatim(self) -> None:
+        """
+        Whitespace, quotes, SQL and non-ASCII text are stored exactly.
+        """
+        server = await Chatterd(self, ollama=f"http://127.0.0.1:{closed_port()}").start()
+        text = "  two\nlines\t'); DROP TABLE chatts;-- é 🐍  "
+        await server.post("/postchatt", {"username": "O'Brien", "message": text})
+        _, body = await server.get("/getchatts")
+        self.assertEqual(json.loads(body)[0][:2], ["O'Brien", text])
+        self.assertEqual(server.rows(), [("O'Brien", text, None)])
 
 
 class DatabaseDownTests(TestCase):
