@@ -264,6 +264,11 @@ class _Relay:
         if self.first_byte_at is None:
             self.first_byte_at = self._heard_from
             self._started = True
+            # the watchdog was set for the first byte's limit: from now on the
+            # stall limit counts (else a stream that stalls at once would be
+            # ended only when the first byte's limit ran out)
+            if self._watchdog is not None and self._watchdog.active():
+                self._watchdog.reset(self._config.stall_timeout)
 
     def _watch(self) -> None:
         """

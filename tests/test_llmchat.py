@@ -12,10 +12,12 @@ from typing import Any
 import psycopg2
 import treq
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from chatterd.relay import MAX_OLLAMA_TEXT, RelayConfig
@@ -705,3 +707,134 @@ class EndingTests(SynchronousTestCase):
         self.assertEqual((ending.kind, ending.counted), ("internal", None))
         self.assertNotIn("secret", ending.message)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # logged with its traceback
+
+
+class _Upstream:
+    """
+    One Ollama server on a ``task.Clock``: ``post`` answers with a response
+    whose body the test feeds line by line (``answer``, ``send``, ``end``).
+    """
+
+    url = "http://ollama.test:11434"
+
+    def __init__(self) -> None:
+        from twisted.internet.testing import StringTransport
+
+        self.answered: Deferred[Any] = Deferred()
+        self.body: Any = None
+        self.transport = StringTransport()
+
+    def post(self, path: str, body: bytes) -> Deferred[Any]:
+        return self.answered
+
+    def answer(self) -> None:
+        upstream = self
+
+        class Response:
+            code = 200
+
+            def deliverBody(self, protocol: Any) -> None:
+                upstream.body = protocol
+                protocol.makeConnection(upstream.transport)
+
+        self.answered.callback(Response())
+
+    def send(self, *contents: str, done: bool = False) -> None:
+        for content in contents:
+            self.body.dataReceived(json.dumps({"model": "m", "message": {"role": "assistant", "content": content},
+                                               "done": False}).encode() + b"\n")
+        if done:
+            self.body.dataReceived(b'{"model": "m", "message": {"role": "assistant", "content": ""}, "done": true}\n')
+
+
+class _Turns:
+    """
+    A store that records ``end_turn`` (all a relay asks of it).
+    """
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[str, str | None]] = []
+
+    def end_turn(self, appid: str, reply: str | None) -> Deferred[None]:
+        self.ended.append((appid, reply))
+        return succeed(None)
+
+
+class RelayTimingTests(SynchronousTestCase):
+    """
+    The relay's timers (first byte, stall, heartbeat) on a ``task.Clock``:
+    no real time passes.
+    """
+
+    def setUp(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        from chatterd.balancer import Balancer
+        from chatterd.relay import ChatRelay, Relaying
+
+        self.clock = Clock()
+        self.upstream = _Upstream()
+        self.store = _Turns()
+        config = RelayConfig(heartbeat=15, first_byte_timeout=300, stall_timeout=120)
+        relaying = Relaying(Balancer([self.upstream], clock=self.clock), self.clock, config, WriteBatcher(self.clock))
+        self.request = DummyRequest([b"llmchat"])
+        self.request.channel = None  # no connection to pace the reading by
+        self.relay = ChatRelay(self.request, relaying, appid="app", model="m", store=self.store)
+        self.running = Deferred.fromCoroutine(self.relay.run(b"{}"))
+
+    def advance(self, seconds: float) -> None:
+        for _ in range(int(seconds)):
+            self.clock.advance(1)
+        self.clock.advance(seconds - int(seconds))
+
+    def phone(self) -> Any:
+        self.clock.advance(0)  # the write batcher's pass
+        return read_as_phone(b"".join(self.request.written))
+
+    def test_a_first_byte_within_the_limit_is_waited_for(self) -> None:
+        """
+        Model loading just under ``first_byte_timeout``: heartbeats meanwhile,
+        then every frame, and the whole reply stored.
+        """
+        self.advance(299)
+        self.assertEqual(self.phone().comments, 19)  # one per 15 s of silence
+        self.upstream.answer()
+        self.upstream.send("Hello", " world", done=True)
+        self.upstream.body.connectionLost(Failure(ResponseDone()))
+        self.successResultOf(self.running)
+        self.assertEqual((self.phone().bubble, self.phone().errors), ("Hello world", []))
+        self.assertEqual(self.relay.ending.outcome, "done")
+        self.assertEqual(self.store.ended, [("app", "Hello world")])
+
+    def test_no_first_byte_in_time_ends_the_stream(self) -> None:
+        """
+        No first byte within ``first_byte_timeout``: one error frame, the
+        request to Ollama cancelled, the turn ended with nothing to store.
+        """
+        self.advance(299.9)
+        self.assertNoResult(self.running)
+        self.advance(0.1)
+        self.successResultOf(self.running)
+        self.assertEqual(len(self.phone().errors), 1)
+        self.assertIn("did not answer for 300 s", self.phone().errors[0])
+        self.assertTrue(self.upstream.answered.called)  # cancelled
+        self.assertEqual((self.relay.ending.outcome, self.relay.ending.kind), ("error", "timeout"))
+        self.assertEqual(self.store.ended, [("app", None)])
+
+    def test_silence_mid_stream_past_the_limit_ends_it(self) -> None:
+        """
+        Silence longer than ``stall_timeout`` once Ollama has started: one
+        error frame, Ollama's connection closed, the partial reply stored;
+        any line resets the count.
+        """
+        self.upstream.answer()
+        self.upstream.send("Half")
+        self.advance(119)
+        self.upstream.send(" way")
+        self.advance(119)
+        self.assertNoResult(self.running)
+        self.advance(1)
+        self.successResultOf(self.running)
+        self.assertIn("stopped sending for 120 s", self.phone().errors[0])
+        self.assertTrue(self.upstream.transport.disconnecting or self.upstream.transport.producerState == "stopped")
+        self.assertEqual(self.store.ended, [("app", "Half way")])
