@@ -77,3 +77,13 @@ class LayoutTests(SynchronousTestCase):
             assert match is not None
             for name in match.group("names").split(","):
                 self.assertIsNotNone(importlib.util.find_spec(name.strip()), f"{path.name} names {name.strip()}")
+
+    def test_the_package_docstring_names_every_module(self) -> None:
+        """
+        ``chatterd/__init__.py`` lists every module, so a newcomer's map is whole.
+        """
+        import chatterd
+
+        for path in sorted((ROOT / "chatterd").glob("*.py")):
+            if path.name != "__init__.py":
+                self.assertIn(f"``chatterd.{path.stem}``", chatterd.__doc__ or "", path.name)
