@@ -21,7 +21,7 @@ setup(
         "twisted[tls,http2]>=26.10,<27",
         "klein>=24.8",
         "treq>=26.7",
-        "txpostgres>=1.7.0",
+        "txpostgres>=1.7.0,<2",  # chatterd.pool reaches into its private parts
         "psycopg2-binary>=2.9.13",
         "service-identity>=26.1",
         "pyopenssl>=26.4",

@@ -8,6 +8,11 @@ sized from ``--db-wait``).
 It knows nothing of chatts: :mod:`chatterd.store` runs its SQL on these
 connections and turns these errors (:class:`PoolTimeout`, :class:`PoolClosed`,
 a lost connection by :func:`connection_lost`) into ``StoreError``\ s.
+
+It is also the only module that reaches into txpostgres's private parts
+(``Connection._connection``, ``_PollingMixin.doRead``): txpostgres offers no
+way to bound a connect attempt or to drop a connection that never answered.
+Checked against txpostgres 1.7; ``setup.py`` pins it below 2.
 """
 
 from __future__ import annotations
