@@ -98,6 +98,18 @@ class Emulator:
         self.child.stop()
 
 
+def one_address(src: Path) -> list[str]:
+    """
+    Options that lift the per-client limits, for a chatterd that has them:
+    the whole load comes from 127.0.0.1, and a bench measures the server,
+    not the share one address may take.
+    """
+    tap = Path(src) / "chatterd" / "tap.py"
+    if tap.exists() and "max-client-streams" in tap.read_text():
+        return ["--max-client-streams", "0", "--max-client-connections", "0"]
+    return []
+
+
 def workers_in(args: tuple[str, ...] | list[str]) -> int:
     """
     The worker processes that chatterd's options ask for (``--workers N``).
@@ -129,7 +141,8 @@ class Chatterd:
         argv = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", *twistd, "chatterd",
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--listen", f"ssl:{self.ssl_port}:interface=127.0.0.1",
-                "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url, *variant.args]
+                "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url,
+                *one_address(variant.src), *variant.args]
         self.workers = workers_in(variant.args)
         # one process stays on the server cores; worker processes may use
         # every core (on 2 cores they share the load's, which a 15 ms cadence

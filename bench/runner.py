@@ -45,6 +45,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=",".join(ALL), help="comma-separated subset of a,b,c,d,e,f,g")
     p.add_argument("--rounds", type=int, help="rounds of each scenario (default 5, quick 3, smoke 1)")
     p.add_argument("--steps", help="(d)'s concurrency steps, comma-separated (default 25,50,...,2000)")
+    p.add_argument("--c-streams", type=int, help="(c)'s streams (default 200): more, on a machine where one "
+                                                    "core holds 200 with ease")
     p.add_argument("--src", default=str(BENCH_ROOT), help="the chatterd checkout to run (default: this one)")
     p.add_argument("--rev", help="run this git revision of --src (exported to a temporary directory) "
                                  "instead of its working tree, e.g. HEAD")
@@ -74,6 +76,8 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
         sizes.d_rounds = min(sizes.d_rounds, args.rounds)
     if args.steps:
         sizes.d_steps = [int(n) for n in args.steps.split(",") if n.strip()]
+    if args.c_streams:
+        sizes.c_streams = args.c_streams
     return sizes
 
 
