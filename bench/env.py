@@ -98,16 +98,18 @@ class Emulator:
         self.child.stop()
 
 
-def one_address(src: Path) -> list[str]:
+def bench_limits(src: Path) -> list[str]:
     """
-    Options that lift the per-client limits, for a chatterd that has them:
-    the whole load comes from 127.0.0.1, and a bench measures the server,
-    not the share one address may take.
+    Options that lift the limits a bench would measure instead of the
+    server: ``--max-streams`` ((d) steps past its default of 1000), and the
+    per-client limits for a chatterd that has them (the whole load comes
+    from 127.0.0.1).
     """
+    lifted = ["--max-streams", "100000"]
     tap = Path(src) / "chatterd" / "tap.py"
     if tap.exists() and "max-client-streams" in tap.read_text():
-        return ["--max-client-streams", "0", "--max-client-connections", "0"]
-    return []
+        lifted += ["--max-client-streams", "0", "--max-client-connections", "0"]
+    return lifted
 
 
 def workers_in(args: tuple[str, ...] | list[str]) -> int:
@@ -142,7 +144,7 @@ class Chatterd:
                 "--listen", f"tcp:{self.port}:interface=127.0.0.1",
                 "--listen", f"ssl:{self.ssl_port}:interface=127.0.0.1",
                 "--certs", str(env.certs), "--database", dsn, "--ollama", env.emulator.url,
-                *one_address(variant.src), *variant.args]
+                *bench_limits(variant.src), *variant.args]
         self.workers = workers_in(variant.args)
         # one process stays on the server cores; worker processes may use
         # every core (on 2 cores they share the load's, which a 15 ms cadence
