@@ -351,7 +351,10 @@ class ChatterH2Connection(H2Connection):
         })
         self.conn.decoder.max_header_list_size = MAX_HEADER_LIST_SIZE  # h2 sets it only once acknowledged
         self._guard = FrameGuard(reactor.seconds, self.budgets)
+        self._now = reactor.seconds
         self._header_deadline: IDelayedCall | None = None
+        #: when the header block being received began, if it spans several reads
+        self._block_began: float | None = None
         self._paused_since: IDelayedCall | None = None
         self._cut_off: IDelayedCall | None = None
         self._closing = False
@@ -413,6 +416,7 @@ class ChatterH2Connection(H2Connection):
                 ChatterStream._stop(self._header_deadline)
                 self._header_deadline = None
         elif self._header_deadline is None:
+            self._block_began = self._now()
             timeout = self.site.request_timeout
             flood = Flood(ErrorCodes.ENHANCE_YOUR_CALM, "slow_headers", f"headers not complete within {timeout:g} s")
             self._header_deadline = self.callLater(timeout, self._goaway, flood)
@@ -434,9 +438,12 @@ class ChatterH2Connection(H2Connection):
         elif stream._request.content.too_large:  # its content-length
             self._refuse(stream, 413, f"the body is larger than {site.max_body} bytes")
         elif event.stream_ended is None:
+            # the deadline counts from the first byte of the stream's headers
             timeout = site.request_timeout
-            stream._deadline = self.callLater(timeout, self._refuse, stream, 408,
+            spent = self._now() - self._block_began if self._block_began is not None else 0.0
+            stream._deadline = self.callLater(max(timeout - spent, 0.0), self._refuse, stream, 408,
                                               f"the request did not arrive within {timeout:g} s")
+        self._block_began = None
 
     def _requestDataReceived(self, event: h2.events.DataReceived) -> None:
         stream = self.streams.get(event.stream_id)

@@ -564,6 +564,30 @@ class ConnectionLimitTests(SynchronousTestCase):
         self.assertTrue(c.transport.disconnecting)
         self.assertEqual(c.defences("empty"), 1)
 
+    def test_the_deadline_counts_from_the_first_header_byte(self) -> None:
+        """
+        Headers that took most of ``request_timeout`` leave the body only
+        the rest of it, not a whole ``request_timeout`` more.
+        """
+        c = Client(self)
+        c.h2.send_headers(1, [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"),
+                              (b":authority", b"x"), (b"content-length", b"10")])
+        pending = c.frames(c.h2.data_to_send())
+        [headers] = [f for f in pending if isinstance(f, HeadersFrame)]  # sent below in two frames instead
+        block = headers.data
+        start = HeadersFrame(1)
+        start.data = block[:5]
+        c.send(frames(*(f for f in pending if f is not headers), start))
+        c.advance(4)  # of 5
+        rest = ContinuationFrame(1)
+        rest.data = block[5:]
+        rest.flags.add("END_HEADERS")
+        c.send(rest.serialize())
+        self.assertIsNone(c.status(1))
+        c.advance(1)
+        self.assertEqual(c.status(1), 408)
+        self.assertEqual(c.of(h2.events.ConnectionTerminated), [])
+
     def test_a_header_block_must_end_in_time(self) -> None:
         """
         A header block left unfinished (nothing else may be sent meanwhile)
