@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 from twisted.web.iweb import IRequest
 
-from chatterd.http2 import ChannelProtocol
+from chatterd.http2 import CLOSE_GRACE, ChannelProtocol
 from chatterd.logs import Logger, info_line
 from chatterd.metrics import Metrics, route_of
 
@@ -158,6 +158,8 @@ class ChatterChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Failure) -> None:
         self._stop_deadline()
+        if self._cut_off is not None and self._cut_off.active():
+            self._cut_off.cancel()
         super().connectionLost(reason)
 
     def _too_slow(self) -> None:
@@ -188,6 +190,7 @@ class ChatterChannel(http.HTTPChannel):
 
     _retiring = False
     _answered = 0
+    _cut_off: IDelayedCall | None = None
 
     def retire(self) -> None:
         """
@@ -204,6 +207,16 @@ class ChatterChannel(http.HTTPChannel):
                     request.responseHeaders.setRawHeaders(b"connection", [b"close"])
         elif self._answered:
             self.transport.loseConnection()
+            self._cut_off_soon()
+
+    def _cut_off_soon(self) -> None:
+        """
+        A closing TLS connection waits for the client's close_notify, and an
+        idle pooled client never reads to send one: cut it off after
+        ``CLOSE_GRACE`` (a retiring worker waits for every connection).
+        """
+        if self._cut_off is None:
+            self._cut_off = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if self._retiring:
@@ -214,6 +227,8 @@ class ChatterChannel(http.HTTPChannel):
     def requestDone(self, request: Any) -> None:
         self._answered += 1
         super().requestDone(request)
+        if self._retiring and not self.persistent:  # super() closed it
+            self._cut_off_soon()
 
 
 class _BadPath(resource.Resource):

@@ -45,7 +45,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import protocol
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.python.failure import Failure
 
@@ -187,6 +187,8 @@ def why_it_ended(reason: Failure) -> str:
     A worker's end in words: its exit status or the signal that killed it.
     """
     e = reason.value
+    if isinstance(e, CancelledError):
+        return f"did not say it serves within {START_TIMEOUT:g} s"
     if isinstance(e, ProcessDone):
         return "exited normally"
     if isinstance(e, ProcessTerminated):
@@ -239,11 +241,13 @@ class Supervisor(Service):
         self.listeners: list[Listener] = []
         self.workers: dict[int, Worker] = {}  # by number, the current generation
         self.retiring: set[Worker] = set()
-        self.live_workers: set[Worker] = set()  # every worker process not yet ended, of any generation
+        self.live_workers: set[Worker] = set()
+        self._devnull: int | None = os.open(os.devnull, os.O_RDONLY)  # each worker's standard input  # every worker process not yet ended, of any generation
         self.generation = 0
         self._backoff: dict[int, float] = {}
         self._stopping = False
         self._reloading = False
+        self._again = False
 
     # --- sockets ---
 
@@ -295,6 +299,10 @@ class Supervisor(Service):
     def _close(self) -> None:
         for listener in self.listeners:
             listener.sock.close()
+        self.listeners = []
+        if self._devnull is not None:
+            os.close(self._devnull)
+            self._devnull = None
         if self._metrics_dir is not None:
             shutil.rmtree(self._metrics_dir, ignore_errors=True)
 
@@ -311,8 +319,12 @@ class Supervisor(Service):
         SIGHUP: start a new generation; once all of it serves, retire the old.
         A generation that fails to start is stopped and the old one kept.
         """
-        if self._stopping or self._reloading:
-            log.info("SIGHUP ignored: {what}", what="stopping" if self._stopping else "a reload is under way")
+        if self._stopping:
+            log.info("SIGHUP ignored: stopping")
+            return None
+        if self._reloading:  # a change made after this reload began must be picked up too
+            log.info("SIGHUP during a reload: another reload follows it")
+            self._again = True
             return None
         self._reloading = True
         self.generation += 1
@@ -322,6 +334,11 @@ class Supervisor(Service):
 
         def serving(_: object) -> None:
             self.workers = new
+            for number, w in new.items():
+                if w.ended.called:  # it said ready, then died while the others started
+                    log.error("worker {n} of generation {g} ended during the reload; starting another",
+                              n=number, g=self.generation)
+                    self.workers[number] = self._spawn(number)
             for w in old.values():
                 if not w.ended.called:
                     w.retiring = True
@@ -333,11 +350,12 @@ class Supervisor(Service):
         def failed(f: Failure) -> None:
             log.error("reload failed, keeping the running workers: a new worker {why}", why=why_it_ended(f))
             for w in new.values():
-                w.retiring = True  # not restarted
-                w.signal(signal.SIGKILL)
+                w.retiring = True  # not restarted; it may have taken connections: it finishes them
+                self.retiring.add(w)
+                w.signal(signal.SIGUSR2)
             self.generation -= 1
             for number, w in old.items():
-                if w.ended.called:  # it died meanwhile
+                if w.ended.called and not self._stopping:  # it died meanwhile
                     self.workers[number] = self._spawn(number)
 
         def starting(w: Worker) -> Deferred[None]:
@@ -347,13 +365,20 @@ class Supervisor(Service):
         everyone = DeferredList([starting(w) for w in new.values()], fireOnOneErrback=True, consumeErrors=True)
         everyone.addCallbacks(serving, lambda f: failed(f.value.subFailure))
         everyone.addErrback(lambda f: log.failure("reload failed", f))
-        return everyone.addBoth(lambda _: setattr(self, "_reloading", False))
+
+        def over(_: object) -> None:
+            self._reloading = False
+            if self._again:
+                self._again = False
+                self.reload()
+
+        return everyone.addBoth(over)
 
     # --- the workers ---
 
     def _spawn(self, number: int) -> Worker:
         worker = Worker(number, self.generation, self)
-        fds: dict[int, Any] = {1: 1, 2: 2, READY_FD: "r"}
+        fds: dict[int, Any] = {0: self._devnull, 1: 1, 2: 2, READY_FD: "r"}
         listeners = []
         for i, listener in enumerate(self.listeners):
             child = READY_FD + 1 + i

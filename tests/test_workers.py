@@ -460,6 +460,24 @@ class RetireTests(TestCase):
         site.retire()
         self.assertTrue(transport.disconnecting)
 
+    def test_http11_client_that_never_answers_the_close_is_cut_off(self) -> None:
+        """
+        TLS waits for the client's close_notify, and an idle pooled client
+        never reads: a retiring connection is cut off shortly, not after
+        the idle timeout (which would hold the old worker that long).
+        """
+        from chatterd.http2 import CLOSE_GRACE
+
+        site, protocol, transport = self.http11()
+        aborted: list[bool] = []
+        transport.abortConnection = lambda: aborted.append(True)  # type: ignore[method-assign]
+        protocol.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        site.retire()
+        site.clock.advance(CLOSE_GRACE - 0.1)
+        self.assertEqual(aborted, [])
+        site.clock.advance(0.1)
+        self.assertEqual(aborted, [True])
+
     def test_http11_request_in_progress_is_answered_then_closed(self) -> None:
         """
         HTTP/1.1 with a request arriving: it is answered in full (as the
@@ -534,3 +552,108 @@ class RetireTests(TestCase):
         self.assertEqual(len(site.connections), 1)
         protocol.connectionLost(None)
         self.assertEqual(len(site.connections), 0)
+
+
+class _FakeProcess:
+    pids = iter(range(50000, 60000))
+
+    def __init__(self) -> None:
+        self.pid = next(self.pids)
+        self.signals: list[int] = []
+
+    def signalProcess(self, number: int) -> None:
+        self.signals.append(number)
+
+
+class _SpawningClock:
+    """
+    A ``task.Clock`` that also "spawns" processes: each is a ``_FakeProcess``.
+    """
+
+    def __init__(self) -> None:
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        self.callLater = self.clock.callLater
+        self.seconds = self.clock.seconds
+        self.spawned: list[tuple[Any, _FakeProcess]] = []
+
+    def spawnProcess(self, protocol: Any, *args: Any, **kwargs: Any) -> _FakeProcess:
+        process = _FakeProcess()
+        self.spawned.append((protocol, process))
+        return process
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)
+
+
+class SupervisorTests(TestCase):
+    """
+    The parent's bookkeeping of reloads, on a fake reactor: which worker is
+    told what, and which is started again.
+    """
+
+    def setUp(self) -> None:
+        from twisted.python.failure import Failure
+
+        self.Failure = Failure
+        self.reactor = _SpawningClock()
+        self.supervisor = workers.Supervisor(
+            count=2, options={}, dsn="dbname=x", listen=["tcp:0:interface=127.0.0.1"], reactor=self.reactor,
+            grace=1.0, reload_grace=5.0,
+        )
+        self.supervisor.startService()
+        self.addCleanup(lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
+        self.addCleanup(self.supervisor._close)
+        for w in self.supervisor.workers.values():
+            self.ready(w)
+
+    def ready(self, w: Any) -> None:
+        w.childDataReceived(workers.READY_FD, b"ready\n")
+
+    def end(self, w: Any) -> None:
+        from twisted.internet.error import ProcessTerminated
+
+        w.processEnded(self.Failure(ProcessTerminated(exitCode=1)))
+
+    def test_a_sighup_during_a_reload_reloads_again(self) -> None:
+        self.supervisor.reload()
+        first = dict(self.supervisor.workers)
+        self.assertIsNone(self.supervisor.reload())  # during the reload: queued
+        second = [p for p, _ in self.reactor.spawned[-2:]]
+        for w in second:
+            self.ready(w)
+        self.assertEqual(self.supervisor.generation, 3)  # and the queued one began at once
+        self.assertNotIn(first[1], self.supervisor.workers.values())
+
+    def test_a_new_worker_that_dies_after_ready_is_replaced(self) -> None:
+        self.supervisor.reload()
+        new = [p for p, _ in self.reactor.spawned[-2:]]
+        self.ready(new[0])
+        self.end(new[0])
+        self.ready(new[1])
+        self.assertFalse(self.supervisor.workers[new[0].number].ended.called)
+        self.assertIsNot(self.supervisor.workers[new[0].number], new[0])
+
+    def test_a_failed_reload_lets_the_new_workers_finish_what_they_took(self) -> None:
+        old = dict(self.supervisor.workers)
+        self.supervisor.reload()
+        new = [p for p, _ in self.reactor.spawned[-2:]]
+        self.ready(new[0])
+        self.end(new[1])  # before it said ready: the reload fails
+        self.assertEqual(new[0].process.signals, [signal.SIGUSR2])  # retired, not killed
+        self.assertEqual(self.supervisor.workers, old)
+        self.flushLoggedErrors()
+
+    def test_a_failed_reload_while_stopping_starts_nothing(self) -> None:
+        self.supervisor.reload()
+        new = [p for p, _ in self.reactor.spawned[-2:]]
+        stopped = self.supervisor.stopService()
+        spawned = len(self.reactor.spawned)
+        for w in list(self.supervisor.workers.values()):
+            self.end(w)
+        self.end(new[0])
+        self.end(new[1])
+        self.assertEqual(len(self.reactor.spawned), spawned)
+        self.successResultOf(stopped)
+        self.flushLoggedErrors()
