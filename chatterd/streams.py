@@ -42,6 +42,15 @@ log = Logger()
 T = TypeVar("T")
 
 
+def default_client_streams(max_streams: int) -> int:
+    """
+    ``--max-client-streams`` left to its default: a quarter of ``max_streams``.
+    A class behind one NAT address still fits, and three other addresses
+    still find room.
+    """
+    return max(1, max_streams // 4)
+
+
 class Busy(Exception):
     """
     chatterd cannot take this stream now: too many running, or shutting down.

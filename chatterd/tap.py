@@ -45,7 +45,7 @@ from chatterd.ollama import OllamaClient, http_client
 from chatterd.relay import RelayConfig
 from chatterd.site import ChatterSite
 from chatterd.store import DEFAULT_MAX_HISTORY, PostgresChattStore
-from chatterd.streams import Streams
+from chatterd.streams import Streams, default_client_streams
 from chatterd.web import ChatterApp, ReadinessResource
 
 log = Logger()
@@ -233,9 +233,7 @@ class Options(usage.Options):
             self["ollama"] = [ollama_url(os.environ.get("OLLAMA_HOST") or DEFAULT_OLLAMA)]
         self.client_streams_derived = self["max-client-streams"] is None
         if self.client_streams_derived:
-            # one address may hold a quarter: a class behind one NAT still
-            # fits, and three other addresses still find room
-            self["max-client-streams"] = max(1, self["max-streams"] // 4)
+            self["max-client-streams"] = default_client_streams(self["max-streams"])
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format: text or json, not {self['log-format']!r}")
         if self["log-format"] == "json" and self.parent is not None:

@@ -14,7 +14,7 @@ take up the inherited sockets, and which
 - on SIGTERM or SIGINT, stops as chatterd does: listeners closed, streams
   given ``--grace``;
 - on SIGUSR2, *retires* (a reload): stops accepting, asks every connection
-  to go once what it is doing is done (HTTP/2: a graceful ``GOAWAY``),
+  to go once what it is doing is done (HTTP/2: ``GOAWAY`` once no stream is open),
   waits for them up to the reload grace, then stops as above.
 """
 
@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -65,19 +66,24 @@ def observer(out: IO[str], number: int, fmt: str) -> Any:
     return FilteringLogObserver(FileLogObserver(out, format), [LogLevelFilterPredicate()])
 
 
+def services(tree: IService) -> Iterator[IService]:
+    """
+    Every service in a tree, the tree's root first.
+    """
+    yield tree
+    if IServiceCollection.providedBy(tree):
+        for child in tree:
+            yield from services(child)
+
+
 def listeners(tree: IService) -> list[StreamServerEndpointService]:
     """
     The public listeners in a service tree (those serving a ``ChatterSite``).
     """
     from chatterd.site import ChatterSite
 
-    found = []
-    if isinstance(tree, StreamServerEndpointService) and isinstance(tree.factory, ChatterSite):
-        found.append(tree)
-    if IServiceCollection.providedBy(tree):
-        for child in tree:
-            found.extend(listeners(child))
-    return found
+    return [s for s in services(tree)
+            if isinstance(s, StreamServerEndpointService) and isinstance(s.factory, ChatterSite)]
 
 
 class Retirement:
@@ -179,7 +185,9 @@ def main() -> None:
         reactor.addSystemEventTrigger("before", "shutdown", backstop)
         reactor.addSystemEventTrigger("before", "shutdown", tree.stopService)
         orphan_check.start(ORPHAN_CHECK, now=False)
-        store = _store(tree)
+        from chatterd.store import PostgresChattStore
+
+        store = next((s for s in services(tree) if isinstance(s, PostgresChattStore)), None)
 
         def ready(result: object) -> object:
             _say_ready(spec["ready_fd"])
@@ -194,19 +202,6 @@ def main() -> None:
 
     reactor.callWhenRunning(start)
     reactor.run()
-
-
-def _store(tree: IService) -> Any:
-    from chatterd.store import PostgresChattStore
-
-    if isinstance(tree, PostgresChattStore):
-        return tree
-    if IServiceCollection.providedBy(tree):
-        for child in tree:
-            found = _store(child)
-            if found is not None:
-                return found
-    return None
 
 
 def _say_ready(fd: int) -> None:

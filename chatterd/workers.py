@@ -45,11 +45,12 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import protocol
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.python.failure import Failure
 
 from chatterd import tls
+from chatterd.streams import default_client_streams
 from chatterd.logs import Logger
 
 log = Logger()
@@ -76,7 +77,7 @@ def worker_options(options: Mapping[str, Any]) -> dict[str, Any]:
     share = -(-options["max-streams"] // count)
     mine = {**options, "workers": 1, "metrics": None, "max-streams": share}
     if getattr(options, "client_streams_derived", False):
-        mine["max-client-streams"] = max(1, share // 4)
+        mine["max-client-streams"] = default_client_streams(share)
     return mine
 
 
@@ -159,7 +160,6 @@ class Worker(protocol.ProcessProtocol):
     started_at: float = 0.0
     ready: Deferred[None] = field(default_factory=Deferred)
     ended: Deferred[None] = field(default_factory=Deferred)
-    retiring: bool = False
     process: Any = None
     #: its process id (kept: Twisted forgets it once the process has ended)
     pid: int | None = None
@@ -187,7 +187,7 @@ def why_it_ended(reason: Failure) -> str:
     A worker's end in words: its exit status or the signal that killed it.
     """
     e = reason.value
-    if isinstance(e, CancelledError):
+    if isinstance(e, TimeoutError):
         return f"did not say it serves within {START_TIMEOUT:g} s"
     if isinstance(e, ProcessDone):
         return "exited normally"
@@ -210,7 +210,7 @@ class Supervisor(Service):
     :param grace: ``--grace``, for the kill deadline at shutdown.
     :param reload_grace: how long a retiring worker may take to finish.
     :param metrics_dir: prometheus_client's multiprocess directory, or None;
-        the supervisor empties it at start and removes it at the end.
+        the supervisor removes it at the end.
     :param log: where and how workers log (see :func:`log_destination`).
     """
 
@@ -241,8 +241,8 @@ class Supervisor(Service):
         self.listeners: list[Listener] = []
         self.workers: dict[int, Worker] = {}  # by number, the current generation
         self.retiring: set[Worker] = set()
-        self.live_workers: set[Worker] = set()
-        self._devnull: int | None = os.open(os.devnull, os.O_RDONLY)  # each worker's standard input  # every worker process not yet ended, of any generation
+        self.live_workers: set[Worker] = set()  # every worker process not yet ended, of any generation
+        self._devnull: int | None = os.open(os.devnull, os.O_RDONLY)  # each worker's standard input
         self.generation = 0
         self._backoff: dict[int, float] = {}
         self._stopping = False
@@ -317,7 +317,8 @@ class Supervisor(Service):
     def reload(self) -> Deferred[None] | None:
         """
         SIGHUP: start a new generation; once all of it serves, retire the old.
-        A generation that fails to start is stopped and the old one kept.
+        If the new generation fails to start, it is retired instead (it
+        finishes whatever it had taken) and the old one kept.
         """
         if self._stopping:
             log.info("SIGHUP ignored: stopping")
@@ -341,7 +342,6 @@ class Supervisor(Service):
                     self.workers[number] = self._spawn(number)
             for w in old.values():
                 if not w.ended.called:
-                    w.retiring = True
                     self.retiring.add(w)
                     w.signal(signal.SIGUSR2)  # stop accepting, finish, exit
             log.info("reloaded: generation {g} serving; {n} old workers finishing their streams",
@@ -350,19 +350,15 @@ class Supervisor(Service):
         def failed(f: Failure) -> None:
             log.error("reload failed, keeping the running workers: a new worker {why}", why=why_it_ended(f))
             for w in new.values():
-                w.retiring = True  # not restarted; it may have taken connections: it finishes them
-                self.retiring.add(w)
+                self.retiring.add(w)  # not restarted; it may have taken connections: it finishes them
                 w.signal(signal.SIGUSR2)
             self.generation -= 1
             for number, w in old.items():
                 if w.ended.called and not self._stopping:  # it died meanwhile
                     self.workers[number] = self._spawn(number)
 
-        def starting(w: Worker) -> Deferred[None]:
-            timer = self._reactor.callLater(START_TIMEOUT, w.ready.cancel)
-            return w.ready.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
-
-        everyone = DeferredList([starting(w) for w in new.values()], fireOnOneErrback=True, consumeErrors=True)
+        starting = [w.ready.addTimeout(START_TIMEOUT, self._reactor) for w in new.values()]
+        everyone = DeferredList(starting, fireOnOneErrback=True, consumeErrors=True)
         everyone.addCallbacks(serving, lambda f: failed(f.value.subFailure))
         everyone.addErrback(lambda f: log.failure("reload failed", f))
 
@@ -415,7 +411,7 @@ class Supervisor(Service):
             log.info("worker {n} of generation {g} (pid {pid}) finished and {why}", n=worker.number,
                      g=worker.generation, pid=worker.pid, why=why_it_ended(reason))
             return
-        if self._stopping or worker.retiring or self.workers.get(worker.number) is not worker:
+        if self._stopping or self.workers.get(worker.number) is not worker:
             return
         if self._reloading:  # the new generation takes its place; failed() restarts it if that fails
             log.error("worker {n} (pid {pid}) {why} during a reload", n=worker.number, pid=worker.pid,

@@ -657,3 +657,17 @@ class SupervisorTests(TestCase):
         self.assertEqual(len(self.reactor.spawned), spawned)
         self.successResultOf(stopped)
         self.flushLoggedErrors()
+
+    def test_a_new_worker_that_never_says_ready_fails_the_reload(self) -> None:
+        from twisted.logger import capturedLogs
+
+        old = dict(self.supervisor.workers)
+        self.supervisor.reload()
+        new = [p for p, _ in self.reactor.spawned[-2:]]
+        self.ready(new[0])
+        with capturedLogs() as events:
+            self.reactor.clock.advance(workers.START_TIMEOUT)
+        self.assertIn(f"did not say it serves within {workers.START_TIMEOUT:g} s",
+                      " ".join(str(e.get("why", "")) for e in events))
+        self.assertEqual([w.process.signals for w in new], [[signal.SIGUSR2], [signal.SIGUSR2]])
+        self.assertEqual(self.supervisor.workers, old)
