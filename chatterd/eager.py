@@ -107,10 +107,16 @@ class EagerPort(tcp.Port):
 
     def __init__(self, port: int, factory: Any, backlog: int, interface: str, reactor: Any,
                  limit: ConnectionLimit | None = None) -> None:
-        if limit is not None:
-            factory = AdmittingFactory(factory, limit)
         super().__init__(port, factory, backlog, interface, reactor)
+        self._admit(limit)
+
+    def _admit(self, limit: ConnectionLimit | None) -> None:
+        """
+        Refuse at accept the connections that ``limit`` has no room for.
+        """
         self.limit = limit
+        if limit is not None:
+            self.factory = AdmittingFactory(self.factory, limit)
 
     @classmethod
     def adopt(cls, reactor: Any, fd: int, family: int, factory: Any,
@@ -122,8 +128,7 @@ class EagerPort(tcp.Port):
         a busy worker leaves the others more of them to take.
         """
         p = cls._fromListeningDescriptor(reactor, fd, family, factory)
-        if limit is not None:
-            p.factory, p.limit = AdmittingFactory(factory, limit), limit
+        p._admit(limit)
         p.shared = True
         p.startListening()
         return p

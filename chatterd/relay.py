@@ -22,7 +22,7 @@ reading from Ollama, so nothing piles up in chatterd.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
@@ -463,9 +463,8 @@ class ChatRelay(_Relay):
         failed = await self._end_turn()
         if failed is not None and ending.outcome != "error":
             stored = ending_of(failed)
-            ending = Ending("error", stored.kind, stored.detail, f"the reply could not be stored: {stored.message}",
-                            stored.counted)
-            self._write(sse.error_frame(ending.message or ""))
+            ending = replace(stored, message=f"the reply could not be stored: {stored.message}")
+            self._write(sse.error_frame(ending.message))
         self._finish(ending)
 
     async def _end_turn(self) -> BaseException | None:

@@ -177,9 +177,7 @@ class ChatterChannel(http.HTTPChannel):
             request.uri = request.path = getattr(self, "_path", None) or request.uri
         self.transport.write(_raw_error(status, message))
         self.transport.loseConnection()
-        # TLS waits for the client's close_notify; a client that never sends
-        # one must not keep the connection for the whole idle timeout
-        self._deadline = self.callLater(5, self.transport.abortConnection)
+        self._cut_off_soon(5)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -209,14 +207,15 @@ class ChatterChannel(http.HTTPChannel):
             self.transport.loseConnection()
             self._cut_off_soon()
 
-    def _cut_off_soon(self) -> None:
+    def _cut_off_soon(self, seconds: float = CLOSE_GRACE) -> None:
         """
-        A closing TLS connection waits for the client's close_notify, and an
-        idle pooled client never reads to send one: cut it off after
-        ``CLOSE_GRACE`` (a retiring worker waits for every connection).
+        After ``loseConnection``: TLS waits for the client's close_notify, and
+        a client that never sends one (an idle pooled client does not read)
+        must not keep the connection for the whole idle timeout, nor a
+        retiring worker waiting for it: cut it off after ``seconds``.
         """
         if self._cut_off is None:
-            self._cut_off = self.callLater(CLOSE_GRACE, self.transport.abortConnection)
+            self._cut_off = self.callLater(seconds, self.transport.abortConnection)
 
     def checkPersistence(self, request: Any, version: bytes) -> bool:
         if self._retiring:
@@ -312,7 +311,7 @@ class ChatterSite(server.Site):
         """
         Ask every connection to go once what it is doing is done (a worker
         retiring at a reload, its listeners already closed): HTTP/1.1 after
-        its current answer, HTTP/2 with a graceful ``GOAWAY``.
+        its current answer, HTTP/2 with ``GOAWAY`` once no stream is open.
         """
         self.retiring = True
         for protocol in list(self.connections):
