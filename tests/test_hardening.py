@@ -53,6 +53,19 @@ class HardeningTestCase(TestCase):
                 self.fail(f"timed out waiting for {what}")
             await deferLater(reactor, 0.02)
 
+    async def stopped_while_waiting(self, waiting: Deferred[tuple[Any, bytes]]) -> None:
+        """
+        Stop the server's streams while the request ``waiting`` waits for its
+        appID's turn: it gets 503 "restarting" once the grace is over, not
+        after --lock-wait.
+        """
+        started = time.monotonic()
+        await self.server.streams.stopService()
+        response, body = await waiting
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(response.code, 503)
+        self.assertIn("restarting", json.loads(body)["error"])
+
     def lock_attempts(self, server: Chatterd) -> list[None]:
         """
         Grows by one each time ``server``'s store tries for an appID's lock.
@@ -205,12 +218,7 @@ class PrepAdmissionTests(HardeningTestCase):
         await self.emulator.when_stalled()
         waiting = Deferred.fromCoroutine(self.server.post("/llmchat", chat("two")))
         await self.until(lambda: self.server.streams.active == 1, "the second request to wait")
-        started = time.monotonic()
-        await self.server.streams.stopService()
-        response, body = await waiting
-        self.assertLess(time.monotonic() - started, 3)
-        self.assertEqual(response.code, 503)
-        self.assertIn("restarting", json.loads(body)["error"])
+        await self.stopped_while_waiting(waiting)
         self.emulator.release()
         await first.done
         self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Hello, world!"])
@@ -257,12 +265,7 @@ class PrepShutdownTests(HardeningTestCase):
         await self.emulator.when_stalled()
         waiting = Deferred.fromCoroutine(self.server.post("/llmprep", chat("be brief")))
         await self.until(lambda: self.server.streams.active == 2, "/llmprep to wait")
-        started = time.monotonic()
-        await self.server.streams.stopService()
-        response, body = await waiting
-        self.assertLess(time.monotonic() - started, 3)
-        self.assertEqual(response.code, 503)
-        self.assertIn("restarting", json.loads(body)["error"])
+        await self.stopped_while_waiting(waiting)
         await first.done
         self.assertIn("shutting down", self.error_of(first))
         self.assertEqual([m for _, m, _ in self.server.rows(APP)], ["one", "Half"])
@@ -281,12 +284,7 @@ class PrepShutdownTests(HardeningTestCase):
         attempts = self.lock_attempts(self.server)
         waiting = Deferred.fromCoroutine(self.server.post("/llmprep", chat("be brief")))
         await self.until(lambda: len(attempts) >= 2, "/llmprep to try for the store's lock twice")
-        started = time.monotonic()
-        await self.server.streams.stopService()
-        response, body = await waiting
-        self.assertLess(time.monotonic() - started, 3)
-        self.assertEqual(response.code, 503)
-        self.assertIn("restarting", json.loads(body)["error"])
+        await self.stopped_while_waiting(waiting)
         self.emulator.release()
         await first.done
         await deferLater(reactor, 1.0)  # what a wait left running would do by now

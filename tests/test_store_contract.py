@@ -22,7 +22,6 @@ from twisted.trial.reporter import TestResult
 from zope.interface.verify import verifyObject
 
 from chatterd.store import (
-    MESSAGE_OVERHEAD,
     IChattStore,
     LockTimeout,
     Message,
@@ -33,42 +32,11 @@ from chatterd.store import (
 )
 from chatterd.testing import COURSE_LIMITS, MemoryChattStore, MemoryDatabase
 from tests import pgcluster
+from tests.test_store import bounded, size  # the rule of the cut, as the SQL's tests state it
 
 
 def user(text: str) -> list[Message]:
     return [{"role": "user", "content": text}]
-
-
-def size(m: Message) -> int:
-    """
-    What a message costs of the history bound.
-    """
-    return MESSAGE_OVERHEAD + len(m["role"].encode()) + len(m["content"].encode())
-
-
-def bounded(old: list[Message], new: list[Message], bound: int) -> list[Message]:
-    """
-    The history the bound lets through, by the rule: the system rows oldest
-    first while they fit, the new messages always, then the other rows
-    newest first while they fit, all in their order.
-    """
-    if sum(map(size, old + new)) <= bound:
-        return old + new
-    keep, used = set(), 0
-    for i, m in enumerate(old):
-        if m["role"] == "system":
-            if used + size(m) > bound:
-                break
-            used += size(m)
-            keep.add(i)
-    used += sum(map(size, new))
-    for i in reversed(range(len(old))):
-        if old[i]["role"] != "system":
-            if used + size(old[i]) > bound:
-                break
-            used += size(old[i])
-            keep.add(i)
-    return [m for i, m in enumerate(old) if i in keep] + new
 
 
 SYSTEM: list[Message] = [{"role": "system", "content": "Be brief."}]
